@@ -1,0 +1,111 @@
+"""The per-request sparsity knob: one pydantic model shared by the vLLM plugin and the gateway.
+
+vLLM requests carry it as ``mm_processor_kwargs = {"sparsevlm": {...}}``; gateway clients send it
+as a top-level ``sparsity`` object. Pure Python (no torch, no vLLM) so the gateway can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+KNOB_KEY = "sparsevlm"
+"""Key of the knob inside ``mm_processor_kwargs``."""
+
+Method = Literal["sparsevlm", "random", "uniform", "fastv", "off"]
+Version = Literal["v1.5", "v2"]
+
+
+class SparsityKnob(BaseModel):
+    """How to prune one request's images. A budget ≥ an image's token count keeps that image whole."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = Field(
+        "sparsevlm",
+        description="`sparsevlm` (text-guided); baselines at the same budget: `random`, `uniform` "
+        "(spatial grid), `fastv` (attention from the last text token); `off` disables pruning.",
+    )
+    visual_tokens: int | None = Field(
+        None, ge=1, description="Visual tokens per image after pruning (kept + recycled)."
+    )
+    keep_ratio: float | None = Field(
+        None, gt=0.0, le=1.0, description="Fraction of each image's visual tokens to keep."
+    )
+    recycle: bool | None = Field(
+        None,
+        description="Merge part of the pruned tokens back as cluster means (SparseVLM token "
+        "recycling). Default: on for v1.5, off for v2.",
+    )
+    version: Version = Field("v1.5", description="`v1.5` (paper, ICML) or `v2` (SparseVLM+).")
+    score_layer: int = Field(
+        2,
+        ge=0,
+        description="Decoder layer whose attention scores the visual tokens (0 = on the input "
+        "embeddings; must be below the model's layer count).",
+    )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SparsityKnob:
+        if self.visual_tokens is not None and self.keep_ratio is not None:
+            raise ValueError("give either visual_tokens or keep_ratio, not both")
+        if self.method != "off" and self.visual_tokens is None and self.keep_ratio is None:
+            raise ValueError("pruning needs a budget: set visual_tokens or keep_ratio")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+    @property
+    def recycle_enabled(self) -> bool:
+        """Recycling applies to SparseVLM only; its default follows the version."""
+        if self.method != "sparsevlm":
+            return False
+        return self.version == "v1.5" if self.recycle is None else self.recycle
+
+    def budget(self, num_tokens: int) -> int:
+        """Final visual-token count for an image of ``num_tokens`` tokens (never more than it)."""
+        if not self.enabled:
+            return num_tokens
+        if self.visual_tokens is not None:
+            return min(self.visual_tokens, num_tokens)
+        assert self.keep_ratio is not None
+        return min(num_tokens, max(1, int(self.keep_ratio * num_tokens + 0.5)))
+
+    def canonical(self) -> dict[str, Any]:
+        """Explicit, order-stable form: the same pruning always hashes the same."""
+        return {
+            "method": self.method,
+            "visual_tokens": self.visual_tokens,
+            "keep_ratio": self.keep_ratio,
+            "recycle": self.recycle_enabled,
+            "version": self.version,
+            "score_layer": self.score_layer,
+        }
+
+
+class KnobError(ValueError):
+    """A knob that fails validation; the message names the offending field(s)."""
+
+
+def parse_knob(raw: Any) -> SparsityKnob:
+    """Validate a raw knob (dict, JSON-decoded) into a SparsityKnob, or raise KnobError."""
+    if isinstance(raw, SparsityKnob):
+        return raw
+    if not isinstance(raw, dict):
+        raise KnobError(f"{KNOB_KEY}: expected an object, got {type(raw).__name__}")
+    try:
+        return SparsityKnob.model_validate(raw)
+    except ValidationError as exc:
+        raise KnobError(describe_validation_error(exc, prefix=KNOB_KEY)) from None
+
+
+def describe_validation_error(exc: ValidationError, prefix: str) -> str:
+    """One line per problem, each naming the field, e.g. ``sparsevlm.visual_tokens: ...``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]))
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

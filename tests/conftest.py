@@ -1,0 +1,45 @@
+"""Session-wide fixtures: tiny models built once per machine, one real vLLM server per model."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sparse_plugin.fixtures import cached_fixtures
+from tests.vllm_server import VllmServer
+
+
+@pytest.fixture(scope="session")
+def fixture_models() -> dict[str, Path]:
+    return cached_fixtures()
+
+
+def _serve(model: Path, **kw: object) -> Iterator[VllmServer]:
+    server = VllmServer(model, **kw).start()  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def llava_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
+    """vLLM + the SparseVLM plugin on the tiny LLaVA-1.5 fixture (prefix caching on, default)."""
+    yield from _serve(fixture_models["llava-1.5"])
+
+
+@pytest.fixture(scope="session")
+def llava_stock_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
+    """Stock vLLM (plugins disabled) on the same fixture: the reference for 'off == stock'."""
+    yield from _serve(fixture_models["llava-1.5"], plugins=False)
+
+
+def image_data_url(img: object, fmt: str = "PNG") -> str:
+    """A PIL image as a ``data:`` URL for OpenAI image_url parts."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)  # type: ignore[attr-defined]
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
