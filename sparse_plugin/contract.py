@@ -18,7 +18,7 @@ Version = Literal["v1.5", "v2"]
 
 
 class SparsityKnob(BaseModel):
-    """How to prune one request's images. A budget ≥ an image's token count keeps that image whole."""
+    """How to prune one request's images; a budget ≥ an image's token count keeps it whole."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -15,7 +15,9 @@ logger = logging.getLogger("sparse_plugin")
 
 # HF architecture name -> our subclass. One thin seam file per model family.
 ARCHITECTURES: dict[str, str] = {
-    "LlavaForConditionalGeneration": "sparse_plugin.models.llava:SparseLlavaForConditionalGeneration",
+    "LlavaForConditionalGeneration": (
+        "sparse_plugin.models.llava:SparseLlavaForConditionalGeneration"
+    ),
 }
 
 _registered = False
