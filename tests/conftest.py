@@ -12,6 +12,8 @@ import pytest
 from sparse_plugin.fixtures import cached_fixtures
 from tests.vllm_server import VllmServer
 
+pytest_plugins = ["tests.gateway_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def fixture_models() -> dict[str, Path]:
