@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger("sparse_plugin")
+# A child of "vllm" so the line appears wherever vLLM configures its logging.
+logger = logging.getLogger("vllm.plugins.sparsevlm")
 
 # HF architecture name -> our subclass. One thin seam file per model family.
 ARCHITECTURES: dict[str, str] = {

