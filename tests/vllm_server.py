@@ -43,6 +43,7 @@ class VllmServer:
         name: str | None = None,
         max_model_len: int = 4096,
         images_per_prompt: int = 4,
+        dtype: str = "float32",  # deterministic numerics for exact A/B comparisons
     ) -> None:
         self.model = str(model)
         self.port = free_port()
@@ -56,7 +57,7 @@ class VllmServer:
             "--trust-request-mm-kwargs", "--enable-prompt-tokens-details",
             "--enforce-eager", "--max-model-len", str(max_model_len),
             "--limit-mm-per-prompt", f'{{"image": {images_per_prompt}}}',
-            "--max-num-seqs", "32", "--seed", "0",
+            "--max-num-seqs", "32", "--seed", "0", "--dtype", dtype,
             *(extra_args or []),
         ]  # fmt: skip
         self.env = {

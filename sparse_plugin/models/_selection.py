@@ -8,6 +8,8 @@ exactly K rows: the kept tokens in original order followed by the recycled clust
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
@@ -30,6 +32,8 @@ from sparse_plugin.models._processing import (
 
 _METHODS = {v: k for k, v in METHOD_IDS.items()}
 _VERSIONS = {v: k for k, v in VERSION_IDS.items()}
+TRACE_ENV = "SPARSEVLM_TRACE"
+"""If set, a file path: the model executor appends each pruned image's selection to it."""
 V2_PRIORITY_HEADS_FRACTION = 14 / 32  # the reference keeps 14 of LLaVA-1.5-7B's 32 heads
 
 
@@ -76,20 +80,21 @@ class SparseEmbedMixin:
         n = feats.shape[0]
         if budget >= n:
             return feats
+        recycled = feats[:0]
         if method == "random":
-            return feats[core.random_indices(n, budget).to(feats.device)]
-        if method == "uniform":
-            return feats[core.uniform_indices(n, budget, self._visual_grid(n)).to(feats.device)]
-        scores = self._attention_scores(
-            feats,
-            prefix,
-            suffix,
-            score_layer,
-            fastv=method == "fastv",
-            version=_VERSIONS[version_id],
-        )
-        selection = core.select_visual_tokens(feats, scores, budget, recycle=bool(recycle))
-        return torch.cat([feats[selection.kept.to(feats.device)], selection.recycled], dim=0)
+            kept = core.random_indices(n, budget)
+        elif method == "uniform":
+            kept = core.uniform_indices(n, budget, self._visual_grid(n))
+        else:
+            fastv = method == "fastv"
+            scores = self._attention_scores(
+                feats, prefix, suffix, score_layer, fastv=fastv, version=_VERSIONS[version_id]
+            )
+            selection = core.select_visual_tokens(feats, scores, budget, recycle=bool(recycle))
+            kept, recycled = selection.kept, selection.recycled
+        kept = kept.to(feats.device)
+        _trace(method=method, num_visual=n, budget=budget, kept=kept, recycled=len(recycled))
+        return torch.cat([feats[kept], recycled], dim=0)
 
     def _attention_scores(
         self,
@@ -141,6 +146,16 @@ class SparseEmbedMixin:
                 )
             return tp_sum(partial) / keep
         return tp_sum(core.score_v15(probs) * heads_local) / heads_total
+
+
+def _trace(**record: Any) -> None:
+    """Append one JSON line per pruned image to $SPARSEVLM_TRACE (opt-in audit/debug trail)."""
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    record["kept"] = record["kept"].tolist()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _local_heads(global_ids: torch.Tensor, heads_local: int) -> torch.Tensor:
