@@ -82,7 +82,7 @@ def test_two_questions_same_image_sequential_and_concurrent(chat: Chat, fresh_ch
 
 
 def test_prefix_cache_still_works_for_repeats(chat: Chat, images):
-    knob = {"visual_tokens": 96}
+    knob = {"visual_tokens": 300}  # > one KV block (128 tokens on CPU) so a hit is visible
     first = chat(images[1:2], "Is there a blue square?", knob)
     again = chat(images[1:2], "Is there a blue square?", knob)
     assert_same_answer(first, again)
