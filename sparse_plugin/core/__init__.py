@@ -18,7 +18,14 @@ from .budget import (
 from .raters import select_raters, text_relevance
 from .recycle import dpc_knn_clusters, recycle_tokens
 from .scores import guard_gravity, head_mass, rope_gravity, score_v2, score_v15
-from .select import Selection, random_indices, select_visual_tokens, top_k_sorted, uniform_indices
+from .select import (
+    Selection,
+    random_indices,
+    select_images,
+    select_visual_tokens,
+    top_k_sorted,
+    uniform_indices,
+)
 
 __all__ = [
     "PRUNE_LAYERS",
@@ -37,6 +44,7 @@ __all__ = [
     "rope_gravity",
     "score_v2",
     "score_v15",
+    "select_images",
     "select_raters",
     "select_visual_tokens",
     "split_budget",

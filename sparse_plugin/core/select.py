@@ -36,6 +36,19 @@ def select_visual_tokens(visual: Tensor, scores: Tensor, budget: int, recycle: b
     return Selection(kept, recycled)
 
 
+def select_images(
+    visuals: list[Tensor], scores: list[Tensor], budgets: list[int], recycle: bool
+) -> list[Selection]:
+    """Images of different token counts, each with its own budget: one Selection per image.
+
+    Selection is per image by design (no padding across images), so a batch equals one-by-one.
+    """
+    return [
+        select_visual_tokens(v, s, k, recycle)
+        for v, s, k in zip(visuals, scores, budgets, strict=True)
+    ]
+
+
 def uniform_indices(num_visual: int, budget: int, grid: tuple[int, int] | None = None) -> Tensor:
     """K indices spread evenly: over the rows × cols grid when given, else along the sequence."""
     budget = min(budget, num_visual)
