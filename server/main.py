@@ -6,14 +6,13 @@ from the environment.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 from fastapi import Depends, FastAPI, Request, Response
@@ -23,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.accounting import ModelGeometry, visual_usage
 from server.config import Settings
+from server.deps import Authorized, require_metrics_key
 from server.errors import GatewayError, error_response, install_error_handlers
 from server.images import validate_images
 from server.metrics import Metrics
@@ -112,26 +112,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response = error_response(exc.status, exc.message, exc.param, exc.headers)
         response.headers["X-Request-ID"] = rid
         return response
-
-    def require_key(request: Request) -> None:
-        keys = settings.accepted_keys
-        if not keys:
-            return
-        auth = request.headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
-        ok = False
-        for key in keys:  # compare against every key: timing does not reveal which matched
-            ok |= hmac.compare_digest(token.encode(), key.encode())
-        if not ok:
-            raise GatewayError(
-                401, "missing or invalid API key: send 'Authorization: Bearer <key>'"
-            )
-
-    def require_metrics_key(request: Request) -> None:
-        if settings.metrics_require_key:
-            require_key(request)
-
-    Authorized = Annotated[None, Depends(require_key)]
 
     def resolve_knob(body: ChatCompletionRequest) -> SparsityKnob | None:
         if body.model_extra and "mm_processor_kwargs" in body.model_extra:

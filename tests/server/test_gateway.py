@@ -47,6 +47,7 @@ def ask(client, n_images=1, sparsity=None, **kw):
 def post(gateway, body: dict | bytes, headers: dict | None = None) -> httpx.Response:
     h = {"Authorization": f"Bearer {API_KEY}"} | (headers or {})
     if isinstance(body, bytes):
+        h = h | {"Content-Type": "application/json"}
         return httpx.post(f"{gateway.url}/v1/chat/completions", content=body, headers=h)
     return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=h, timeout=120)
 
