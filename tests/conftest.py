@@ -40,6 +40,16 @@ def llava_stock_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
     yield from _serve(fixture_models["llava-1.5"], plugins=False)
 
 
+@pytest.fixture(scope="session")
+def llava_next_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
+    yield from _serve(fixture_models["llava-next"], max_model_len=8192)
+
+
+@pytest.fixture(scope="session")
+def qwen_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
+    yield from _serve(fixture_models["qwen2.5-vl"], max_model_len=8192)
+
+
 def image_data_url(img: object, fmt: str = "PNG") -> str:
     """A PIL image as a ``data:`` URL for OpenAI image_url parts."""
     buf = io.BytesIO()

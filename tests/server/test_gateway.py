@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -226,44 +227,42 @@ def test_upstream_timeout_is_504(llava_server):
         live.stop()
 
 
+# Keeps the tiny engine busy for seconds: 16 samples x 3000 tokens, EOS ignored.
+LONG = {"max_tokens": 3000, "ignore_eos": True, "n": 16, "temperature": 1.0}
+
+
 def test_concurrency_cap_is_429_with_retry_after(llava_server):
     live = start_gateway(gateway_settings(llava_server.url, None, max_concurrency=1))
-    body = {
-        "model": MODEL,
-        "messages": messages(1),
-        "max_tokens": 200,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    h = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "messages": messages(1), "max_tokens": 2}
     try:
-        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, headers=h) as first:
-            next(first.iter_lines())
-            second = post(live, body | {"stream": False, "max_tokens": 2})
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, live, body | LONG)
+            deadline = time.monotonic() + 10
+            while metric(live, "sparsevlm_requests_in_flight") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            second = post(live, body)
             assert second.status_code == 429 and second.headers["retry-after"] == "1"
             assert "too many requests" in second.json()["error"]["message"]
+            assert first.result().status_code == 200
+        assert post(live, body).status_code == 200  # the slot is free again
     finally:
         live.stop()
 
 
 def test_client_disconnect_frees_the_engine(gateway, llava_server):
-    body = {
-        "model": MODEL,
-        "messages": messages(1),
-        "max_tokens": 3000,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = {"model": MODEL, "messages": messages(1), "stream": True} | LONG
     h = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, headers=h) as r:
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
-        assert _running(llava_server) == 1
+        assert _running(llava_server) >= 1
     deadline = time.monotonic() + 10
     while _running(llava_server) != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _running(llava_server) == 0
+    assert metric(gateway, "sparsevlm_requests_total", model=MODEL, status="499") >= 1
 
 
 def _running(server) -> float:
