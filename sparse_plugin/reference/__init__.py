@@ -1,0 +1,1 @@
+"""Faithful reference implementations (HF transformers), for validation; not for serving."""
