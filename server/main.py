@@ -26,12 +26,13 @@ from server.deps import Authorized, require_metrics_key
 from server.errors import GatewayError, error_response, install_error_handlers
 from server.images import validate_images
 from server.metrics import Metrics
-from server.proxy import classify, open_stream, post_json, relay_sse
+from server.proxy import relay_sse, request_json, send
 from server.schemas import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, Health
 from sparse_plugin.contract import KNOB_KEY, SparsityKnob
 
 logger = logging.getLogger("sparsevlm.gateway")
 
+CHAT = "/v1/chat/completions"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 503, 504)
 }
@@ -172,13 +173,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         status = 500
         try:
             if not body.stream:
-                status, data = await post_json(request.app.state.client, metrics, payload, headers)
+                status, data = await request_json(
+                    request.app.state.client, metrics, "POST", CHAT, json=payload, headers=headers
+                )
                 metrics.ttft.labels(model=model).observe(time.perf_counter() - started)
                 if status == 200 and data.get("usage"):
                     data["usage"] = account(model, n_images, data["usage"])
                 _log(request, model, status, started, knob)
                 return JSONResponse(data, status_code=status)
-            resp = await open_stream(request.app.state.client, metrics, payload, headers)
+            resp = await send(
+                request.app.state.client, metrics, "POST", CHAT, json=payload, headers=headers,
+                stream=True,
+            )  # fmt: skip
             status = resp.status_code
             if status != 200:
                 data = json.loads(await resp.aread() or b"{}")
@@ -224,7 +230,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/models", responses=ERRORS)
     async def models(request: Request, _: Authorized) -> JSONResponse:
-        status, data = await _get(request, "/v1/models")
+        status, data = await request_json(request.app.state.client, metrics, "GET", "/v1/models")
         return JSONResponse(data, status_code=status)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
@@ -240,15 +246,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", dependencies=[Depends(require_metrics_key)])
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def _get(request: Request, path: str) -> tuple[int, Any]:
-        try:
-            r = await request.app.state.client.get(path)
-        except httpx.HTTPError as exc:
-            kind, err = classify(exc)
-            metrics.upstream_errors.labels(kind=kind).inc()
-            raise err from None
-        return r.status_code, r.json()
 
     return app
 

@@ -20,31 +20,23 @@ def classify(exc: httpx.HTTPError) -> tuple[str, GatewayError]:
     return "protocol", GatewayError(502, f"bad answer from the engine: {type(exc).__name__}")
 
 
-async def post_json(
-    client: httpx.AsyncClient, metrics: Metrics, body: dict[str, Any], headers: dict[str, str]
-) -> tuple[int, dict[str, Any]]:
-    try:
-        resp = await client.post("/v1/chat/completions", json=body, headers=headers)
-    except httpx.HTTPError as exc:
-        kind, err = classify(exc)
-        metrics.upstream_errors.labels(kind=kind).inc()
-        raise err from None
-    if resp.status_code >= 400:
-        metrics.upstream_errors.labels(kind=f"http_{resp.status_code // 100}xx").inc()
-    try:
-        return resp.status_code, resp.json()
-    except ValueError:
-        metrics.upstream_errors.labels(kind="protocol").inc()
-        raise GatewayError(502, "the engine sent a non-JSON answer") from None
-
-
-async def open_stream(
-    client: httpx.AsyncClient, metrics: Metrics, body: dict[str, Any], headers: dict[str, str]
+async def send(
+    client: httpx.AsyncClient,
+    metrics: Metrics,
+    method: str,
+    path: str,
+    *,
+    stream: bool = False,
+    **kwargs: Any,
 ) -> httpx.Response:
-    """Start a streamed call and return the response once its status is known."""
-    request = client.build_request("POST", "/v1/chat/completions", json=body, headers=headers)
+    """One upstream call; transport failures become 503/504/502, error statuses are counted.
+
+    With ``stream=True`` the response is returned as soon as its status is known (the caller
+    closes it).
+    """
+    request = client.build_request(method, path, **kwargs)
     try:
-        resp = await client.send(request, stream=True)
+        resp = await client.send(request, stream=stream)
     except httpx.HTTPError as exc:
         kind, err = classify(exc)
         metrics.upstream_errors.labels(kind=kind).inc()
@@ -52,6 +44,17 @@ async def open_stream(
     if resp.status_code >= 400:
         metrics.upstream_errors.labels(kind=f"http_{resp.status_code // 100}xx").inc()
     return resp
+
+
+async def request_json(
+    client: httpx.AsyncClient, metrics: Metrics, method: str, path: str, **kwargs: Any
+) -> tuple[int, Any]:
+    resp = await send(client, metrics, method, path, **kwargs)
+    try:
+        return resp.status_code, resp.json()
+    except ValueError:
+        metrics.upstream_errors.labels(kind="protocol").inc()
+        raise GatewayError(502, "the engine sent a non-JSON answer") from None
 
 
 async def relay_sse(

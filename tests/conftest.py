@@ -20,7 +20,7 @@ def fixture_models() -> dict[str, Path]:
     return cached_fixtures()
 
 
-def _serve(model: Path, **kw: object) -> Iterator[VllmServer]:
+def serve_model(model: Path, **kw: object) -> Iterator[VllmServer]:
     server = VllmServer(model, **kw).start()  # type: ignore[arg-type]
     try:
         yield server
@@ -31,23 +31,23 @@ def _serve(model: Path, **kw: object) -> Iterator[VllmServer]:
 @pytest.fixture(scope="session")
 def llava_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
     """vLLM + the SparseVLM plugin on the tiny LLaVA-1.5 fixture (prefix caching on, default)."""
-    yield from _serve(fixture_models["llava-1.5"])
+    yield from serve_model(fixture_models["llava-1.5"])
 
 
 @pytest.fixture(scope="session")
 def llava_stock_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
     """Stock vLLM (plugins disabled) on the same fixture: the reference for 'off == stock'."""
-    yield from _serve(fixture_models["llava-1.5"], plugins=False)
+    yield from serve_model(fixture_models["llava-1.5"], plugins=False)
 
 
 @pytest.fixture(scope="session")
 def llava_next_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
-    yield from _serve(fixture_models["llava-next"], max_model_len=8192)
+    yield from serve_model(fixture_models["llava-next"], max_model_len=8192)
 
 
 @pytest.fixture(scope="session")
 def qwen_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
-    yield from _serve(fixture_models["qwen2.5-vl"], max_model_len=8192)
+    yield from serve_model(fixture_models["qwen2.5-vl"], max_model_len=8192)
 
 
 def image_data_url(img: object, fmt: str = "PNG") -> str:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import image_data_url
+from tests.conftest import serve_model, image_data_url
 from tests.vllm_server import VllmServer
 
 
@@ -128,21 +128,13 @@ def images() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def guided_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
     trace = tmp_path_factory.mktemp("trace") / "selection.jsonl"
-    server = VllmServer(
-        fixture_models["llava-1.5-guided"], env={"SPARSEVLM_TRACE": str(trace)}
-    ).start()
-    server.trace_path = trace  # type: ignore[attr-defined]
-    try:
+    for server in serve_model(fixture_models["llava-1.5-guided"], env={"SPARSEVLM_TRACE": str(trace)}):
+        server.trace_path = trace  # type: ignore[attr-defined]
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def fresh_chat(fixture_models: dict[str, Path]) -> Iterator[Chat]:
     """A second plugin engine that has seen nothing: the reference for cache-isolation tests."""
-    server = VllmServer(fixture_models["llava-1.5"], name="llava-1.5-fresh").start()
-    try:
+    for server in serve_model(fixture_models["llava-1.5"], name="llava-1.5-fresh"):
         yield Chat(server)
-    finally:
-        server.stop()
