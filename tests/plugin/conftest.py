@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import serve_model, image_data_url
+from tests.conftest import image_data_url, serve_model
 from tests.vllm_server import VllmServer
 
 
@@ -128,7 +128,9 @@ def images() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def guided_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
     trace = tmp_path_factory.mktemp("trace") / "selection.jsonl"
-    for server in serve_model(fixture_models["llava-1.5-guided"], env={"SPARSEVLM_TRACE": str(trace)}):
+    for server in serve_model(
+        fixture_models["llava-1.5-guided"], env={"SPARSEVLM_TRACE": str(trace)}
+    ):
         server.trace_path = trace  # type: ignore[attr-defined]
         yield server
 
