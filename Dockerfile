@@ -17,12 +17,12 @@ RUN python3 -m pip install --no-cache-dir --no-deps . \
 
 RUN useradd --create-home --uid 10001 sparsevlm \
  && mkdir -p /home/sparsevlm/.cache/huggingface && chown -R sparsevlm /home/sparsevlm
-USER sparsevlm
+USER 10001
 ENV HF_HOME=/home/sparsevlm/.cache/huggingface
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=5 \
-  CMD python3 -c "import os,sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('HEALTH_PORT','8000'), timeout=4).status == 200 else 1)"
+  CMD ["python3", "-c", "import os,sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('HEALTH_PORT','8000'), timeout=4).status == 200 else 1)"]
 
 # Default: the gateway (the engine service overrides the entrypoint and command).
 ENTRYPOINT []

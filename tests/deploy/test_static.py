@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,10 +108,19 @@ def test_dashboard_structure():
         assert needed in exprs, needed
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/Dockerfile.cpu"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    out = subprocess.run(
+        [hadolint, "--no-color", str(ROOT / dockerfile)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_dockerfile_static_rules():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM vllm/vllm-openai:v0\.32\.\d+$", text, re.M)
-    assert re.search(r"^USER (?!root)\S+$", text, re.M)
+    assert re.search(r"^USER (?!root|0$)\S+$", text, re.M)
     assert "HEALTHCHECK" in text
     assert not re.search(r"\b(curl|wget)\b.*http", text), "no downloads outside the package index"
     for path in re.findall(r"^COPY (\S+)", text, re.M):
