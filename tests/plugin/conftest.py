@@ -125,12 +125,15 @@ def images() -> list[Image.Image]:
     return [shapes_image(i) for i in range(3)]
 
 
+# The guided engine also carries a server-side default knob (tested in test_llava_e2e).
+GUIDED_DEFAULT_KNOB = '{"visual_tokens": 100, "method": "uniform"}'
+
+
 @pytest.fixture(scope="session")
 def guided_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
     trace = tmp_path_factory.mktemp("trace") / "selection.jsonl"
-    for server in serve_model(
-        fixture_models["llava-1.5-guided"], env={"SPARSEVLM_TRACE": str(trace)}
-    ):
+    env = {"SPARSEVLM_TRACE": str(trace), "SPARSEVLM_DEFAULT": GUIDED_DEFAULT_KNOB}
+    for server in serve_model(fixture_models["llava-1.5-guided"], env=env):
         server.trace_path = trace  # type: ignore[attr-defined]
         yield server
 

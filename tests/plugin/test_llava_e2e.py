@@ -115,6 +115,14 @@ def test_sparsevlm_keeps_the_patches_the_question_names(guided_server):
     assert kept_red["uniform"] <= 12, kept_red
 
 
+def test_server_default_knob_applies_only_without_a_knob(guided_server):
+    chat = Chat(guided_server)
+    img, _ = red_block_image()
+    assert chat([img], Q1).image_tokens == 100  # SPARSEVLM_DEFAULT
+    assert chat([img], Q1, {"visual_tokens": 20}).image_tokens == 20  # the request's own knob wins
+    assert chat([img], Q1, {"method": "off"}).image_tokens == 576  # explicit off beats the default
+
+
 # 5. Mixed batches ------------------------------------------------------------------------------
 def test_mixed_batch_equals_solo(chat: Chat, images):
     requests = [
