@@ -19,6 +19,12 @@ ARCHITECTURES: dict[str, str] = {
     "LlavaForConditionalGeneration": (
         "sparse_plugin.models.llava:SparseLlavaForConditionalGeneration"
     ),
+    "LlavaNextForConditionalGeneration": (
+        "sparse_plugin.models.llava_next:SparseLlavaNextForConditionalGeneration"
+    ),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "sparse_plugin.models.qwen2_5_vl:SparseQwen2_5_VLForConditionalGeneration"
+    ),
 }
 
 _registered = False

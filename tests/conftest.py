@@ -40,14 +40,23 @@ def llava_stock_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
     yield from serve_model(fixture_models["llava-1.5"], plugins=False)
 
 
-@pytest.fixture(scope="session")
-def llava_next_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
-    yield from serve_model(fixture_models["llava-next"], max_model_len=8192)
+def serve_traced(model: Path, trace: Path, **kw: object) -> Iterator[VllmServer]:
+    """A plugin engine that appends every selection to ``trace`` (SPARSEVLM_TRACE)."""
+    for server in serve_model(model, env={"SPARSEVLM_TRACE": str(trace)}, **kw):
+        server.trace_path = trace  # type: ignore[attr-defined]
+        yield server
 
 
 @pytest.fixture(scope="session")
-def qwen_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
-    yield from serve_model(fixture_models["qwen2.5-vl"], max_model_len=8192)
+def llava_next_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
+    trace = tmp_path_factory.mktemp("trace-next") / "selection.jsonl"
+    yield from serve_traced(fixture_models["llava-next"], trace, max_model_len=8192)
+
+
+@pytest.fixture(scope="session")
+def qwen_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
+    trace = tmp_path_factory.mktemp("trace-qwen") / "selection.jsonl"
+    yield from serve_traced(fixture_models["qwen2.5-vl"], trace, max_model_len=8192)
 
 
 def image_data_url(img: object, fmt: str = "PNG") -> str:

@@ -27,6 +27,7 @@ from prometheus_client import Counter
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from sparse_plugin.contract import KNOB_KEY, KnobError, SparsityKnob, parse_knob
 
@@ -108,8 +109,10 @@ def _fold(item_hash: str, salt: str) -> str:
 class SparseProcessorMixin:
     """Mixin for a vLLM ``BaseMultiModalProcessor`` subclass of an image model.
 
-    The model family's processor supplies ``_num_image_tokens(mm_items, idx)`` (the unpruned count)
-    and ``_image_token_id()``; everything else is shared.
+    The model family's processor supplies ``_num_image_tokens(mm_items, idx, hf_kwargs)`` (the
+    unpruned count) and ``_image_token_id()`` (the token an image's placeholder repeats); the rest
+    is shared: each pruned image's placeholder run becomes K copies of that token (markers around
+    it, e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``, are left as they are).
     """
 
     _default_knob: SparsityKnob | None
@@ -119,7 +122,9 @@ class SparseProcessorMixin:
     def _image_token_id(self) -> int:
         raise NotImplementedError
 
-    def _num_image_tokens(self, mm_items: MultiModalDataItems, item_idx: int) -> int:
+    def _num_image_tokens(
+        self, mm_items: MultiModalDataItems, item_idx: int, hf_kwargs: Mapping[str, object]
+    ) -> int:
         raise NotImplementedError
 
     def _num_layers(self) -> int:
@@ -165,8 +170,38 @@ class SparseProcessorMixin:
         with self._processing_all(n_images):
             result = super().apply(replace(inputs, hf_processor_mm_kwargs=hf_kwargs), timing_ctx)
         if not _IN_DUMMY.get() and n_images:
-            self._count(inputs.mm_data_items, result)
+            self._count(inputs.mm_data_items, result, hf_kwargs)
         return result
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        hf_kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != KNOB_KEY}
+        updates = super()._get_prompt_updates(mm_items, hf_kwargs, out_mm_kwargs)  # type: ignore[misc]
+        n_images = mm_items.get_all_counts().get("image", 0)
+        if not any(self.kept_count(out_mm_kwargs, i) is not None for i in range(n_images)):
+            return updates  # unpruned requests: vLLM's own updates, untouched
+        return [
+            self._pruned_update(u, out_mm_kwargs) if u.modality == "image" else u for u in updates
+        ]
+
+    def _pruned_update(
+        self, update: PromptUpdate, out_mm_kwargs: MultiModalKwargsItems
+    ) -> PromptUpdate:
+        """``update`` with each pruned image's replacement cut to K placeholder tokens."""
+        image_token_id = self._image_token_id()
+        unpruned = update.replacement
+
+        def replacement(item_idx: int) -> Any:
+            kept = self.kept_count(out_mm_kwargs, item_idx)
+            if kept is None:
+                return unpruned(item_idx) if callable(unpruned) else unpruned
+            return [image_token_id] * kept
+
+        return PromptReplacement(modality="image", target=update.target, replacement=replacement)
 
     def _get_mm_hashes(self, inputs: Any) -> Any:
         hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
@@ -212,8 +247,9 @@ class SparseProcessorMixin:
         around = split_around_images(prompt, self._image_token_id())
         items = self.info.parse_mm_data({"image": mm_inputs.get("images", [])}, validate=False)
         params, prefixes, suffixes = [], [], []
+        hf_kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != KNOB_KEY}
         for local_idx, ordinal in enumerate(ordinals):
-            n = self._num_image_tokens(items, local_idx)
+            n = self._num_image_tokens(items, local_idx, hf_kwargs)
             params.append(
                 torch.tensor(
                     [
@@ -261,10 +297,14 @@ class SparseProcessorMixin:
         finally:
             _ORDINALS.reset(token)
 
-    def _count(self, mm_items: MultiModalDataItems, result: Any) -> None:
+    def _count(
+        self, mm_items: MultiModalDataItems, result: Any, hf_kwargs: Mapping[str, object]
+    ) -> None:
         model = self._model_label()
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != KNOB_KEY}
         original = sum(
-            self._num_image_tokens(mm_items, i) for i in range(len(mm_items.get("image", [])))
+            self._num_image_tokens(mm_items, i, hf_kwargs)
+            for i in range(len(mm_items.get("image", [])))
         )
         kept = sum(r.length for r in result["mm_placeholders"].get("image", []))
         VISUAL_TOKENS_ORIGINAL.labels(model=model).inc(original)

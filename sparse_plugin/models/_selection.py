@@ -42,30 +42,49 @@ def _item(batch: Any, i: int) -> torch.Tensor:
     return batch[i]
 
 
+Grid = tuple[int, int, int]  # (t, h, w) of an image's visual tokens as the LM sees them
+
+
 class SparseEmbedMixin:
     """Mixin for a vLLM multimodal model class whose ``embed_multimodal`` returns per-image
-    (N, d) features in the LM's embedding space. Family hooks: ``_visual_grid`` and
-    ``_probe_positions`` (M-RoPE models override)."""
+    (N, d) features in the LM's embedding space. Family hooks: ``_image_grids`` and
+    ``_probe_positions`` (M-RoPE models override both)."""
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         params = kwargs.pop(PARAMS_FIELD, None)
         prefixes = kwargs.pop(PREFIX_FIELD, None)
         suffixes = kwargs.pop(SUFFIX_FIELD, None)
+        grids = self._image_grids(kwargs) if params is not None else []
         features = super().embed_multimodal(**kwargs)  # type: ignore[misc]
         if params is None:
             return features
         return [
-            self._prune_image(feats, _item(params, i), _item(prefixes, i), _item(suffixes, i))
+            self._prune_image(
+                feats,
+                _item(params, i),
+                _item(prefixes, i),
+                _item(suffixes, i),
+                grids[i] if i < len(grids) else None,
+            )
             for i, feats in enumerate(features)
         ]
 
     # -- family hooks ------------------------------------------------------------------------
-    def _visual_grid(self, num_visual: int) -> tuple[int, int] | None:
+    def _image_grids(self, kwargs: dict[str, object]) -> list[Grid | None]:
+        """Per image of this batch: its (t, h, w) token grid, where the family knows one."""
+        return []
+
+    def _visual_grid(self, num_visual: int, grid: Grid | None) -> tuple[int, int] | None:
+        if grid is not None and grid[0] * grid[1] * grid[2] == num_visual and grid[0] == 1:
+            return grid[1], grid[2]
         side = int(round(num_visual**0.5))
         return (side, side) if side * side == num_visual else None
 
-    def _probe_positions(self, length: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(length, device=device)
+    def _probe_positions(
+        self, prefix: int, num_visual: int, suffix: int, grid: Grid | None, device: torch.device
+    ) -> torch.Tensor:
+        """Positions of the probe sequence (prefix | image | suffix), as the LM would see it."""
+        return torch.arange(prefix + num_visual + suffix, device=device)
 
     # -- selection ---------------------------------------------------------------------------
     def _prune_image(
@@ -74,6 +93,7 @@ class SparseEmbedMixin:
         params: torch.Tensor,
         prefix: torch.Tensor,
         suffix: torch.Tensor,
+        grid: Grid | None = None,
     ) -> torch.Tensor:
         method_id, budget, recycle, version_id, score_layer = (int(x) for x in params.tolist())
         method = _METHODS[method_id]
@@ -84,11 +104,11 @@ class SparseEmbedMixin:
         if method == "random":
             kept = core.random_indices(n, budget)
         elif method == "uniform":
-            kept = core.uniform_indices(n, budget, self._visual_grid(n))
+            kept = core.uniform_indices(n, budget, self._visual_grid(n, grid))
         else:
             fastv = method == "fastv"
             scores = self._attention_scores(
-                feats, prefix, suffix, score_layer, fastv=fastv, version=_VERSIONS[version_id]
+                feats, prefix, suffix, score_layer, grid, fastv=fastv, version=_VERSIONS[version_id]
             )
             selection = core.select_visual_tokens(feats, scores, budget, recycle=bool(recycle))
             kept, recycled = selection.kept, selection.recycled
@@ -102,6 +122,7 @@ class SparseEmbedMixin:
         prefix: torch.Tensor,
         suffix: torch.Tensor,
         layer: int,
+        grid: Grid | None,
         *,
         fastv: bool,
         version: str,
@@ -123,7 +144,7 @@ class SparseEmbedMixin:
         else:
             raters = core.select_raters(feats, suffix_emb).to(device)
         rows = (raters + p + (n if len(suffix_emb) else 0)).long()
-        positions = self._probe_positions(embeds.shape[0], device)
+        positions = self._probe_positions(p, n, len(suffix_emb), grid, device)
         layers = lm.model.layers
         out = probe_layer(layers, embeds, positions, layer, rows)
         visual = slice(p, p + n)

@@ -1,0 +1,256 @@
+"""Train the bundled shapes model: a small LLaVA-1.5 from scratch on the shapes task, on CPU.
+
+    python -m shapes.train --out models/shapes-llava          # the committed checkpoint
+    python -m shapes.train --steps 50 --out /tmp/try          # a smoke run
+
+Architecture as llava-hf/llava-1.5 (CLIP ViT-336/14 -> 576 tokens, 2-layer GELU projector,
+Llama LM, the fixture's BPE tokenizer and chat template); saved in the llava-hf layout so vLLM
+loads it unchanged. Every batch is drawn from the task's "train" split by step number, so a run
+is a function of (seed, config) up to floating-point reduction order.
+
+Augmentation (``--drop-prob``): on that share of steps each image keeps a random subset of its
+576 tokens, positions compacted as the plugin compacts them. Every method compared in the
+accuracy benchmark is served by this same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from sparse_plugin.fixtures.llava import (
+    CLIP_MEAN,
+    CLIP_STD,
+    build_tokenizer_and_processor,
+    llava_config,
+    save_llava,
+)
+
+from .task import QUESTION_TYPES, Sample, sample
+
+N_VISUAL = 576
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 24
+    lr: float = 2e-3
+    warmup: int = 150
+    weight_decay: float = 0.01
+    drop_prob: float = 0.3  # share of steps trained on a random subset of the visual tokens
+    min_keep: int = 32
+    vision_hidden: int = 64
+    vision_layers: int = 3
+    text_hidden: int = 128
+    text_layers: int = 4
+    val_size: int = 500
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, image_token_id: int):
+    config = llava_config(
+        vocab_size=vocab_size,
+        image_token_id=image_token_id,
+        vision={
+            "hidden_size": cfg.vision_hidden,
+            "intermediate_size": 2 * cfg.vision_hidden,
+            "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": 4,
+            "projection_dim": cfg.vision_hidden,
+        },
+        text={
+            "hidden_size": cfg.text_hidden,
+            "intermediate_size": 3 * cfg.text_hidden,
+            "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.text_hidden // 32,  # head_dim 32 (vLLM CPU attention)
+            "num_key_value_heads": cfg.text_hidden // 64,
+        },
+    )
+    config.vision_feature_layer = -1  # every ViT layer feeds the projector (llava-hf uses -2)
+    return config
+
+
+def pixels(images: list) -> torch.Tensor:
+    """(B, 3, 336, 336) normalised as CLIPImageProcessor does for a 336x336 RGB image."""
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images]))
+    x = x.permute(0, 3, 1, 2) / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class Encoder:
+    """Prompt text -> (ids before the image, ids after it); answers -> target ids + EOS."""
+
+    def __init__(self, processor: LlavaProcessor):
+        self.tok = processor.tokenizer
+        self.processor = processor
+        self.image_id = self.tok.convert_tokens_to_ids("<image>")
+
+    def prompt(self, question: str) -> tuple[list[int], list[int]]:
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tok(text, add_special_tokens=True)["input_ids"]
+        at = ids.index(self.image_id)
+        return ids[:at], ids[at + 1 :]
+
+    def answer(self, answer: str) -> list[int]:
+        return self.tok.encode(" " + answer, add_special_tokens=False) + [self.tok.eos_token_id]
+
+
+def batch_logits(
+    model: LlavaForConditionalGeneration,
+    enc: Encoder,
+    batch: list[Sample],
+    keep: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits at the answer positions and their targets, (n, V) and (n,)."""
+    feats = model.model.get_image_features(pixel_values=pixels([s.image for s in batch]))
+    feats = getattr(feats, "pooler_output", feats)
+    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    feats = feats.reshape(len(batch), N_VISUAL, -1)  # (B, 576, d)
+    if keep < N_VISUAL:  # random subsets, original order kept: positions compact as in serving
+        idx = torch.stack(
+            [torch.randperm(N_VISUAL, generator=gen)[:keep].sort().values for _ in batch]
+        )
+        feats = torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[-1]))
+    embed = model.model.language_model.embed_tokens
+    rows, targets, target_pos = [], [], []
+    for b, s in enumerate(batch):
+        pre, post = enc.prompt(s.question)
+        ans = enc.answer(s.answer)
+        text_after = post + ans[:-1]
+        seq = torch.cat([embed(torch.tensor(pre)), feats[b], embed(torch.tensor(text_after))])
+        start = len(pre) + keep + len(post) - 1  # position whose next token is the answer's first
+        rows.append(seq)
+        targets.append(torch.tensor(ans))
+        target_pos.append(torch.arange(start, start + len(ans)))
+    length = max(r.shape[0] for r in rows)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    padded = torch.zeros(len(rows), length, rows[0].shape[-1])
+    for b, r in enumerate(rows):
+        padded[b, : r.shape[0]] = r
+        mask[b, : r.shape[0]] = 1
+    hidden = model.model.language_model(inputs_embeds=padded, attention_mask=mask).last_hidden_state
+    batch_idx = torch.cat([torch.full_like(p, b) for b, p in enumerate(target_pos)])
+    logits = model.lm_head(hidden[batch_idx, torch.cat(target_pos)])
+    return logits, torch.cat(targets)
+
+
+def answers_correct(logits: torch.Tensor, targets: torch.Tensor, lengths: list[int]) -> list[bool]:
+    """Per sample: every answer token (and EOS) is the argmax, i.e. greedy decoding is exact."""
+    hits = (logits.argmax(-1) == targets).split(lengths)
+    return [bool(h.all()) for h in hits]
+
+
+@torch.no_grad()
+def evaluate(model, enc: Encoder, split: str, n: int, keep: int = N_VISUAL) -> dict[str, float]:
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    per_kind: dict[str, list[bool]] = {k: [] for k in QUESTION_TYPES}
+    for start in range(0, n, 50):
+        batch = [sample(split, i) for i in range(start, min(n, start + 50))]
+        logits, targets = batch_logits(model, enc, batch, keep, gen)
+        lengths = [len(enc.answer(s.answer)) for s in batch]
+        for s, ok in zip(batch, answers_correct(logits, targets, lengths), strict=True):
+            per_kind[s.kind].append(ok)
+    model.train()
+    acc = {k: sum(v) / len(v) for k, v in per_kind.items() if v}
+    acc["all"] = sum(sum(v) for v in per_kind.values()) / n
+    return acc
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
+    torch.manual_seed(cfg.seed)
+    processor = build_tokenizer_and_processor()
+    tok = processor.tokenizer
+    model = LlavaForConditionalGeneration(
+        model_config(cfg, len(tok), tok.convert_tokens_to_ids("<image>"))
+    )
+    model.train()
+    enc = Encoder(processor)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.monotonic()
+    history = []
+    for step in range(cfg.steps):
+        batch = [sample("train", step * cfg.batch_size + i) for i in range(cfg.batch_size)]
+        keep = N_VISUAL
+        if rng.random() < cfg.drop_prob:
+            keep = int(rng.integers(cfg.min_keep, N_VISUAL))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        logits, targets = batch_logits(model, enc, batch, keep, gen)
+        loss = F.cross_entropy(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == cfg.steps - 1:
+            entry = {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "keep": keep,
+                "minutes": round((time.monotonic() - t0) / 60, 2),
+            }
+            history.append(entry)
+            print(json.dumps(entry), flush=True)  # noqa: T201 - training progress
+    minutes = (time.monotonic() - t0) / 60
+    val = evaluate(model, enc, "val", cfg.val_size)
+    model.eval()
+    save_llava(model, processor, out)
+    report = {
+        "config": asdict(cfg),
+        "train_minutes": round(minutes, 1),
+        "val_accuracy_full_tokens": {k: round(v, 4) for k, v in val.items()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("models/shapes-llava"))
+    for field, default in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+    args = vars(parser.parse_args())
+    out = args.pop("out")
+    report = train(TrainConfig(**args), out)
+    print(json.dumps({k: report[k] for k in ("train_minutes", "val_accuracy_full_tokens")}))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""SparseVLM inside real vLLM engines on the LLaVA-NeXT and Qwen2.5-VL fixtures (issue 5).
+
+Same guarantees as the LLaVA-1.5 tests, per family: off == stock vLLM; prompt lengths equal the
+family's independent token formula minus the savings for several image sizes; no cross-question
+cache leaks; prefix caching still hits; mixed batches equal solo runs; bad knobs are 400s; the
+engine counters are exact. Qwen2.5-VL's M-RoPE positions are checked in test_qwen_positions.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import serve_model
+from tests.plugin.conftest import Chat, shapes_image
+from tests.smoke.test_families import FORMULAS
+from tests.vllm_server import VllmServer
+
+pytestmark = pytest.mark.engine
+
+FAMILIES = ["llava-next", "qwen2.5-vl"]
+SERVER_FIXTURE = {"llava-next": "llava_next_server", "qwen2.5-vl": "qwen_server"}
+Q1 = "What color is the circle?"
+Q2 = "How many triangles are there?"
+LOGPROB_TOL = 1e-4
+SIZES = [(336, 336), (800, 600), (300, 900), (1000, 260)]  # square, 4:3, tall, wide
+
+
+def assert_same_answer(a, b) -> None:
+    assert a.status == b.status == 200, (a.body, b.body)
+    assert a.tokens == b.tokens
+    assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOL)
+
+
+def sized(seed: int, size: tuple[int, int]) -> Image.Image:
+    return shapes_image(seed).resize(size)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def chat(family: str, request) -> Chat:
+    return Chat(request.getfixturevalue(SERVER_FIXTURE[family]))
+
+
+@pytest.fixture(scope="module")
+def stock_servers(fixture_models: dict[str, Path]) -> Iterator[dict[str, VllmServer]]:
+    """Stock vLLM (plugins off) per family, for this module only (memory: engines add up)."""
+    gens = {f: serve_model(fixture_models[f], plugins=False, max_model_len=8192) for f in FAMILIES}
+    servers = {f: next(g) for f, g in gens.items()}
+    yield servers
+    for g in gens.values():
+        g.close()
+
+
+@pytest.fixture
+def stock_chat(family: str, stock_servers: dict[str, VllmServer]) -> Chat:
+    return Chat(stock_servers[family])
+
+
+def traced(chat: Chat) -> list[dict]:
+    path = chat.server.trace_path  # type: ignore[attr-defined]
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# 1. Off == stock --------------------------------------------------------------------------------
+@pytest.mark.parametrize("knob", [None, {"method": "off"}, {"visual_tokens": 100_000}])
+def test_unpruned_equals_stock_vllm(chat: Chat, stock_chat: Chat, knob):
+    imgs = [sized(0, (336, 336)), sized(1, (800, 600))]
+    ours, stock = chat(imgs, Q1, knob), stock_chat(imgs, Q1)
+    assert ours.status == 200, ours.body
+    assert ours.prompt_tokens == stock.prompt_tokens
+    assert ours.tokens == stock.tokens
+    assert ours.logprobs == stock.logprobs  # bit-identical: nothing was touched
+
+
+# 2. Budgets shrink the prompt by exactly the independent formula minus K ------------------------
+@pytest.mark.parametrize(
+    ("knob", "kept"),
+    [
+        ({"visual_tokens": 64}, lambda n: min(64, n)),
+        ({"visual_tokens": 64, "version": "v2"}, lambda n: min(64, n)),
+        ({"visual_tokens": 100, "method": "fastv"}, lambda n: min(100, n)),
+        ({"visual_tokens": 32, "method": "uniform"}, lambda n: min(32, n)),
+        ({"keep_ratio": 0.25}, lambda n: max(1, int(0.25 * n + 0.5))),
+        ({"keep_ratio": 0.1, "method": "random"}, lambda n: max(1, int(0.1 * n + 0.5))),
+    ],
+)
+def test_prompt_length_is_formula_minus_savings(family: str, chat: Chat, knob, kept):
+    formula = FORMULAS[family]
+    for a, b in [(SIZES[0], SIZES[1]), (SIZES[2], SIZES[3])]:
+        imgs = [sized(2, a), sized(3, b)]
+        full, pruned = chat(imgs, Q1), chat(imgs, Q1, knob)
+        assert pruned.status == 200, pruned.body
+        n = [formula(*a), formula(*b)]
+        assert full.image_tokens == sum(n)
+        assert pruned.image_tokens == sum(kept(x) for x in n)
+        assert full.prompt_tokens - pruned.prompt_tokens == sum(x - kept(x) for x in n)
+
+
+# 3. No cross-question cache leaks ---------------------------------------------------------------
+def test_each_question_gets_its_own_selection(chat: Chat):
+    img = [sized(4, (800, 600))]
+    knob = {"visual_tokens": 64}
+    before = len(traced(chat))
+    first = [chat(img, Q1, knob), chat(img, Q2, knob)]
+    records = traced(chat)[before:]
+    assert len(records) == 2, "each question must run its own selection (no encoder-cache reuse)"
+    assert records[0]["kept"] != records[1]["kept"]  # the questions really select differently
+    again = [chat(img, Q1, knob), chat(img, Q2, knob)]
+    both = chat.many([(img, Q1, knob), (img, Q2, knob)])
+    for got in (again, both):
+        assert_same_answer(got[0], first[0])
+        assert_same_answer(got[1], first[1])
+
+
+def test_prefix_cache_still_works_for_repeats(chat: Chat):
+    img = [sized(5, (1000, 260))]
+    knob = {"visual_tokens": 300}  # > one KV block (128 tokens on CPU) so a hit is visible
+    first = chat(img, "Is there a blue square?", knob)
+    again = chat(img, "Is there a blue square?", knob)
+    assert_same_answer(first, again)
+    assert again.body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+# 5. Mixed batches ------------------------------------------------------------------------------
+def test_mixed_batch_equals_solo(chat: Chat):
+    a, b, c = sized(6, (336, 336)), sized(7, (800, 600)), sized(8, (300, 900))
+    requests = [
+        ([a], Q1, None),
+        ([a, b], Q2, {"visual_tokens": 64}),  # two pruned images of different sizes
+        ([b], Q1, {"visual_tokens": 32, "method": "random"}),
+        ([c, a], Q2, {"keep_ratio": 0.1, "version": "v2"}),
+        ([b, c], Q1, {"visual_tokens": 100, "method": "fastv"}),
+        ([c], "Describe the image in detail.", {"method": "off"}),
+    ]
+    solo = [chat(*r) for r in requests]
+    batched = chat.many(requests)
+    for s, bt in zip(solo, batched, strict=True):
+        assert_same_answer(s, bt)
+        assert s.prompt_tokens == bt.prompt_tokens
+
+
+# 6. Bad knobs are 400s that name the field -----------------------------------------------------
+@pytest.mark.parametrize(
+    ("knob", "field", "words"),
+    [
+        ({"visual_tokens": 0}, "sparsevlm.visual_tokens", "greater than or equal to 1"),
+        ({"visual_tokens": 8, "keep_ratio": 0.5}, "sparsevlm", "not both"),
+        ({"visual_tokens": 8, "score_layer": 4}, "sparsevlm.score_layer", "4 decoder layers"),
+    ],
+)
+def test_bad_knob_is_400_naming_the_field(chat: Chat, knob, field, words):
+    img = [sized(0, (336, 336))]
+    bad = chat(img, Q1, knob)
+    assert bad.status == 400, bad.body
+    assert field in bad.error and words in bad.error, bad.error
+    assert chat(img, Q1, {"visual_tokens": 16}).status == 200
+
+
+# 7. Counters -----------------------------------------------------------------------------------
+def test_engine_counters_count_real_requests_exactly(family: str, chat: Chat):
+    formula = FORMULAS[family]
+    original = "sparsevlm_engine_visual_tokens_original_total"
+    kept = "sparsevlm_engine_visual_tokens_kept_total"
+    before = chat.metric(original), chat.metric(kept)
+    a, b = (800, 600), (300, 900)
+    chat([sized(9, a)], Q1)
+    chat([sized(9, a), sized(10, b)], Q2, {"visual_tokens": 50})
+    chat([sized(10, b)], Q2, {"visual_tokens": 0})  # rejected: not counted
+    after = chat.metric(original), chat.metric(kept)
+    assert after[0] - before[0] == 2 * formula(*a) + formula(*b)
+    assert after[1] - before[1] == formula(*a) + 100
