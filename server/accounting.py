@@ -1,15 +1,34 @@
-"""Visual-token and FLOP accounting from the served checkpoint's config.json.
+"""Visual-token and FLOP accounting from the served checkpoint's config.json (and processor).
 
 ``kept`` always comes from what vLLM reports it processed (``prompt_tokens_details``);
-``original`` is what the same images take unpruned, from the model's geometry.
+``original`` is what the same images take unpruned, from the model's geometry: a fixed count for
+LLaVA-1.5, the checkpoint's own HF processor's count per image size for LLaVA-NeXT and Qwen2.5-VL.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+Size = tuple[int, int]  # (width, height)
+# Model types whose image token count depends on the image size (counted by their HF processor).
+SIZE_DEPENDENT = {"llava_next", "qwen2_5_vl"}
+
+
+def processor_counter(model_dir: Path) -> Callable[[Sequence[Size]], list[int]]:
+    """Unpruned image-token counts per (width, height), from the checkpoint's own processor."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+
+    def count(sizes: Sequence[Size]) -> list[int]:
+        data = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])
+        return [int(n) for n in data["num_image_tokens"]]
+
+    return count
 
 
 @dataclass(frozen=True)
@@ -20,6 +39,17 @@ class ModelGeometry:
     intermediate: int
     heads: int
     kv_heads: int
+    count_by_size: Callable[[Sequence[Size]], list[int]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def original_tokens(self, sizes: Sequence[Size | None]) -> int | None:
+        """Unpruned visual tokens of images of these sizes (None where it cannot be known)."""
+        if self.tokens_per_image is not None:
+            return self.tokens_per_image * len(sizes)
+        if self.count_by_size is None or any(s is None for s in sizes):
+            return None
+        return sum(self.count_by_size([s for s in sizes if s is not None]))
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelGeometry:
@@ -39,6 +69,9 @@ class ModelGeometry:
             intermediate=int(text["intermediate_size"]),
             heads=heads,
             kv_heads=int(text.get("num_key_value_heads") or heads),
+            count_by_size=(
+                processor_counter(model_dir) if config.get("model_type") in SIZE_DEPENDENT else None
+            ),
         )
 
     def prefill_flops_per_token(self, context: int) -> float:
@@ -62,10 +95,10 @@ def kept_visual_tokens(usage: dict[str, Any]) -> int | None:
 
 
 def visual_usage(
-    geometry: ModelGeometry | None, n_images: int, usage: dict[str, Any]
+    geometry: ModelGeometry | None, sizes: Sequence[Size | None], usage: dict[str, Any]
 ) -> dict[str, int] | None:
     kept = kept_visual_tokens(usage)
-    if kept is None or geometry is None or geometry.tokens_per_image is None:
+    original = geometry.original_tokens(sizes) if geometry is not None else None
+    if kept is None or original is None:
         return None
-    original = geometry.tokens_per_image * n_images
     return {"original": original, "kept": kept, "saved": original - kept}

@@ -9,6 +9,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from server.accounting import Size
 from server.config import Settings
 from server.errors import GatewayError
 
@@ -31,14 +32,15 @@ def image_parts(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return found
 
 
-def check_image(path: str, url: str, settings: Settings) -> None:
-    """Raise a 400/413 naming ``path`` unless the image is a decodable, bounded picture."""
+def check_image(path: str, url: str, settings: Settings) -> Size | None:
+    """Raise a 400/413 naming ``path`` unless the image is a decodable, bounded picture; returns
+    its size (None for a remote URL, which the engine fetches)."""
     if url.startswith(("http://", "https://")):
         if not settings.allow_remote_images:
             raise GatewayError(
                 400, f"{path}: remote image URLs are disabled here; send a data: URL", path
             )
-        return
+        return None
     if not url.startswith("data:"):
         raise GatewayError(400, f"{path}: expected a data: URL (data:image/...;base64,...)", path)
     header, _, payload = url.partition(",")
@@ -61,10 +63,11 @@ def check_image(path: str, url: str, settings: Settings) -> None:
             f"more than the limit of {settings.max_image_pixels}",
             path,
         )
+    return width, height
 
 
-def validate_images(messages: list[dict[str, Any]], settings: Settings) -> int:
-    """Check every image part; returns how many there are."""
+def validate_images(messages: list[dict[str, Any]], settings: Settings) -> list[Size | None]:
+    """Check every image part; returns their sizes in order."""
     parts = image_parts(messages)
     if len(parts) > settings.max_images:
         raise GatewayError(
@@ -72,6 +75,4 @@ def validate_images(messages: list[dict[str, Any]], settings: Settings) -> int:
             f"messages: {len(parts)} images in one request, the limit is {settings.max_images}",
             "messages",
         )
-    for path, url in parts:
-        check_image(path, url, settings)
-    return len(parts)
+    return [check_image(path, url, settings) for path, url in parts]

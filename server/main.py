@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.accounting import ModelGeometry, visual_usage
+from server.accounting import ModelGeometry, Size, visual_usage
 from server.config import Settings
 from server.deps import Authorized, require_metrics_key
 from server.errors import GatewayError, error_response, install_error_handlers
@@ -136,8 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             payload["stream_options"] = {**(body.stream_options or {}), "include_usage": True}
         return payload
 
-    def account(model: str, n_images: int, usage: dict[str, Any]) -> dict[str, Any]:
-        visual = visual_usage(geometry, n_images, usage)
+    def account(model: str, sizes: list[Size | None], usage: dict[str, Any]) -> dict[str, Any]:
+        visual = visual_usage(geometry, sizes, usage)
         if visual is not None:
             usage = {**usage, "visual_tokens": visual}
             metrics.visual_original.labels(model=model).inc(visual["original"])
@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 headers={"Retry-After": str(settings.retry_after_s)},
             )
         knob = resolve_knob(body)
-        n_images = validate_images(body.messages, settings)
+        sizes = validate_images(body.messages, settings)
         model, started = body.model, time.perf_counter()
         headers = {"X-Request-Id": request.state.request_id}
         payload = upstream_body(body, knob)
@@ -178,7 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
                 metrics.ttft.labels(model=model).observe(time.perf_counter() - started)
                 if status == 200 and data.get("usage"):
-                    data["usage"] = account(model, n_images, data["usage"])
+                    data["usage"] = account(model, sizes, data["usage"])
                 _log(request, model, status, started, knob)
                 return JSONResponse(data, status_code=status)
             resp = await send(
@@ -206,7 +206,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 async for event in relay_sse(
                     resp,
                     keep_usage_chunk=include_usage,
-                    on_usage=lambda usage: account(model, n_images, usage),
+                    on_usage=lambda usage: account(model, sizes, usage),
                     on_first_token=lambda: metrics.ttft.labels(model=model).observe(
                         time.perf_counter() - started
                     ),

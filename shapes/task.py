@@ -134,6 +134,39 @@ def _ask(kind: str, objects: tuple[Obj, ...], rng: np.random.Generator) -> tuple
     raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
 
 
+def covers(o: Obj, x: float, y: float) -> bool:
+    """Whether the drawn shape ``o`` covers the point (x, y)."""
+    r = o.size // 2
+    dx, dy = x - o.cx, y - o.cy
+    if o.shape == "square":
+        return abs(dx) <= r and abs(dy) <= r
+    if o.shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    return -r <= dy <= r and abs(dx) <= (dy + r) / 2  # apex up, base at cy + r
+
+
+PATCH = 14
+GRID = IMAGE_SIZE // PATCH  # 24
+
+
+def patch_labels(objects: tuple[Obj, ...]) -> np.ndarray:
+    """(4, 24, 24) per-patch facts of the scene, read at each patch's centre: shape (0 = none,
+    1.. = SHAPES), colour (0 = none, 1.. = COLORS), quadrant of the object's centre (0 = none,
+    1.. = QUADRANTS), and 1 where the patch holds the object's centre. Used only as an auxiliary
+    training signal for the vision tower (see shapes/train.py)."""
+    labels = np.zeros((4, GRID, GRID), dtype=np.int64)
+    colors = list(COLORS)
+    for o in objects:
+        for row in range(GRID):
+            for col in range(GRID):
+                if covers(o, col * PATCH + PATCH / 2, row * PATCH + PATCH / 2):
+                    labels[0, row, col] = SHAPES.index(o.shape) + 1
+                    labels[1, row, col] = colors.index(o.color) + 1
+                    labels[2, row, col] = QUADRANTS.index(o.quadrant) + 1
+        labels[3, o.cy // PATCH, o.cx // PATCH] = 1
+    return labels
+
+
 def sample(split: str, index: int, kind: str | None = None) -> Sample:
     """Sample ``index`` of ``split``; the question type cycles so every type is equally common."""
     rng = np.random.default_rng([SPLITS[split], index])

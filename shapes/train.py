@@ -8,6 +8,11 @@ Llama LM, the fixture's BPE tokenizer and chat template); saved in the llava-hf 
 loads it unchanged. Every batch is drawn from the task's "train" split by step number, so a run
 is a function of (seed, config) up to floating-point reduction order.
 
+Auxiliary signal (``--aux-weight``): a linear head reads each of the 576 projected patch features
+and predicts that patch's shape, colour, object quadrant and "object centre here" (from the scene,
+``shapes.task.patch_labels``). It gives the vision tower dense supervision so that the language
+model has something to look for; the head is training-only and is not saved.
+
 Augmentation (``--drop-prob``): on that share of steps each image keeps a random subset of its
 576 tokens, positions compacted as the plugin compacts them. Every method compared in the
 accuracy benchmark is served by this same model.
@@ -36,9 +41,10 @@ from sparse_plugin.fixtures.llava import (
     save_llava,
 )
 
-from .task import QUESTION_TYPES, Sample, sample
+from .task import COLORS, QUADRANTS, QUESTION_TYPES, SHAPES, Sample, patch_labels, sample
 
 N_VISUAL = 576
+AUX_CLASSES = (len(SHAPES) + 1, len(COLORS) + 1, len(QUADRANTS) + 1, 2)
 
 
 @dataclass
@@ -49,6 +55,7 @@ class TrainConfig:
     lr: float = 2e-3
     warmup: int = 150
     weight_decay: float = 0.01
+    aux_weight: float = 1.0
     drop_prob: float = 0.3  # share of steps trained on a random subset of the visual tokens
     min_keep: int = 32
     vision_hidden: int = 64
@@ -111,18 +118,35 @@ class Encoder:
         return self.tok.encode(" " + answer, add_special_tokens=False) + [self.tok.eos_token_id]
 
 
+def image_features(model: LlavaForConditionalGeneration, batch: list[Sample]) -> torch.Tensor:
+    """(B, 576, d) projected patch features: what the language model receives."""
+    feats = model.model.get_image_features(pixel_values=pixels([s.image for s in batch]))
+    feats = getattr(feats, "pooler_output", feats)
+    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    return feats.reshape(len(batch), N_VISUAL, -1)
+
+
+def aux_loss(head: torch.nn.Linear, feats: torch.Tensor, batch: list[Sample]) -> torch.Tensor:
+    """Mean cross-entropy of the per-patch facts (shape, colour, quadrant, centre)."""
+    labels = torch.from_numpy(np.stack([patch_labels(s.objects) for s in batch]))  # (B,4,24,24)
+    labels = labels.flatten(2)  # (B, 4, 576)
+    logits = head(feats).split(AUX_CLASSES, dim=-1)  # 4 x (B, 576, classes)
+    losses = [F.cross_entropy(lg.flatten(0, 1), labels[:, i].flatten())
+              for i, lg in enumerate(logits)]  # fmt: skip
+    return torch.stack(losses).mean()
+
+
 def batch_logits(
     model: LlavaForConditionalGeneration,
     enc: Encoder,
     batch: list[Sample],
     keep: int,
     gen: torch.Generator,
+    feats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced logits at the answer positions and their targets, (n, V) and (n,)."""
-    feats = model.model.get_image_features(pixel_values=pixels([s.image for s in batch]))
-    feats = getattr(feats, "pooler_output", feats)
-    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-    feats = feats.reshape(len(batch), N_VISUAL, -1)  # (B, 576, d)
+    if feats is None:
+        feats = image_features(model, batch)  # (B, 576, d)
     if keep < N_VISUAL:  # random subsets, original order kept: positions compact as in serving
         idx = torch.stack(
             [torch.randperm(N_VISUAL, generator=gen)[:keep].sort().values for _ in batch]
@@ -190,8 +214,10 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
     )
     model.train()
     enc = Encoder(processor)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    head = torch.nn.Linear(cfg.text_hidden, sum(AUX_CLASSES))  # training-only, not saved
+    params = [*model.named_parameters(), *(("aux." + n, p) for n, p in head.named_parameters())]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
         lr=cfg.lr,
@@ -208,15 +234,18 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
             keep = int(rng.integers(cfg.min_keep, N_VISUAL))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        logits, targets = batch_logits(model, enc, batch, keep, gen)
+        feats = image_features(model, batch)
+        logits, targets = batch_logits(model, enc, batch, keep, gen, feats)
         loss = F.cross_entropy(logits, targets)
+        aux = aux_loss(head, feats, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + cfg.aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         if step % log_every == 0 or step == cfg.steps - 1:
             entry = {
                 "step": step,
+                "aux": round(aux.item(), 4),
                 "loss": round(loss.item(), 4),
                 "keep": keep,
                 "minutes": round((time.monotonic() - t0) / 60, 2),
