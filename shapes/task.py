@@ -178,7 +178,37 @@ def sample(split: str, index: int, kind: str | None = None) -> Sample:
             return Sample(render(objects, rng), objects, kind, *qa)
 
 
+def follow_ups(split: str, index: int, objects: tuple[Obj, ...]) -> list[tuple[str, str]]:
+    """Further (question, answer) turns about sample ``index``'s scene, one per question type
+    this scene can pose, in a seeded order (multi-turn training conversations)."""
+    rng = np.random.default_rng([SPLITS[split], index, 1])
+    turns = []
+    for kind in rng.permutation(QUESTION_TYPES):
+        qa = _ask(str(kind), objects, rng)
+        if qa is not None:
+            turns.append(qa)
+    return turns
+
+
 def first_word(text: str) -> str:
     """The assistant's answer as scored: its first word, lower-cased, without punctuation."""
     words = text.strip().split()
     return words[0].strip(".,!?;:\"'").lower() if words else ""
+
+
+def main() -> None:
+    """``python -m shapes.task [--split test] [--index 0] [--out picture.png]``: one sample."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--split", choices=list(SPLITS), default="test")
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--out", default="picture.png")
+    args = parser.parse_args()
+    s = sample(args.split, args.index)
+    s.image.save(args.out)
+    print(f"{args.out}: {s.question} -> {s.answer}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,10 @@ and predicts that patch's shape, colour, object quadrant and "object centre here
 ``shapes.task.patch_labels``). It gives the vision tower dense supervision so that the language
 model has something to look for; the head is training-only and is not saved.
 
+Conversations (``--turns``): each training image comes with up to 5 questions as a multi-turn
+chat, LLaVA's own training format; the first turn is exactly the single-turn prompt served and
+scored, the later ones give the language model more answers per image encoded.
+
 Augmentation (``--drop-prob``): on that share of steps each image keeps a random subset of its
 576 tokens, positions compacted as the plugin compacts them. Every method compared in the
 accuracy benchmark is served by this same model.
@@ -41,7 +45,16 @@ from sparse_plugin.fixtures.llava import (
     save_llava,
 )
 
-from .task import COLORS, QUADRANTS, QUESTION_TYPES, SHAPES, Sample, patch_labels, sample
+from .task import (
+    COLORS,
+    QUADRANTS,
+    QUESTION_TYPES,
+    SHAPES,
+    Sample,
+    follow_ups,
+    patch_labels,
+    sample,
+)
 
 N_VISUAL = 576
 AUX_CLASSES = (len(SHAPES) + 1, len(COLORS) + 1, len(QUADRANTS) + 1, 2)
@@ -56,6 +69,7 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.01
     aux_weight: float = 1.0
+    turns: int = 5  # questions per training conversation (the first is the single-turn prompt)
     drop_prob: float = 0.3  # share of steps trained on a random subset of the visual tokens
     min_keep: int = 32
     vision_hidden: int = 64
@@ -114,6 +128,10 @@ class Encoder:
         at = ids.index(self.image_id)
         return ids[:at], ids[at + 1 :]
 
+    def turn(self, question: str) -> list[int]:
+        """A later user turn of a conversation, ending where the assistant's answer starts."""
+        return self.tok.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False)
+
     def answer(self, answer: str) -> list[int]:
         return self.tok.encode(" " + answer, add_special_tokens=False) + [self.tok.eos_token_id]
 
@@ -143,8 +161,12 @@ def batch_logits(
     keep: int,
     gen: torch.Generator,
     feats: torch.Tensor | None = None,
+    follow: list[list[tuple[str, str]]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced logits at the answer positions and their targets, (n, V) and (n,)."""
+    """Teacher-forced logits at the answer positions and their targets, (n, V) and (n,).
+
+    ``follow``: per sample, further (question, answer) turns appended as a multi-turn chat; the
+    first turn is always exactly the served single-turn prompt."""
     if feats is None:
         feats = image_features(model, batch)  # (B, 576, d)
     if keep < N_VISUAL:  # random subsets, original order kept: positions compact as in serving
@@ -156,13 +178,21 @@ def batch_logits(
     rows, targets, target_pos = [], [], []
     for b, s in enumerate(batch):
         pre, post = enc.prompt(s.question)
-        ans = enc.answer(s.answer)
-        text_after = post + ans[:-1]
-        seq = torch.cat([embed(torch.tensor(pre)), feats[b], embed(torch.tensor(text_after))])
-        start = len(pre) + keep + len(post) - 1  # position whose next token is the answer's first
-        rows.append(seq)
-        targets.append(torch.tensor(ans))
-        target_pos.append(torch.arange(start, start + len(ans)))
+        turns = [(post, enc.answer(s.answer))]
+        turns += [(enc.turn(q), enc.answer(a)) for q, a in (follow[b] if follow else [])]
+        text: list[int] = []
+        tgt: list[int] = []
+        pos: list[int] = []
+        for question, answer in turns:
+            text += question
+            start = len(pre) + keep + len(text) - 1  # its next token is the answer's first
+            tgt += answer
+            pos += range(start, start + len(answer))
+            text += answer
+        text = text[:-1]  # the final EOS is only a target
+        rows.append(torch.cat([embed(torch.tensor(pre)), feats[b], embed(torch.tensor(text))]))
+        targets.append(torch.tensor(tgt))
+        target_pos.append(torch.tensor(pos))
     length = max(r.shape[0] for r in rows)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
     padded = torch.zeros(len(rows), length, rows[0].shape[-1])
@@ -235,7 +265,11 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         feats = image_features(model, batch)
-        logits, targets = batch_logits(model, enc, batch, keep, gen, feats)
+        follow = [
+            follow_ups("train", step * cfg.batch_size + i, s.objects)[: cfg.turns - 1]
+            for i, s in enumerate(batch)
+        ]
+        logits, targets = batch_logits(model, enc, batch, keep, gen, feats, follow)
         loss = F.cross_entropy(logits, targets)
         aux = aux_loss(head, feats, batch)
         opt.zero_grad(set_to_none=True)
@@ -267,7 +301,45 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         "history": history,
     }
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(report))
     return report
+
+
+def model_card(report: dict) -> str:
+    cfg, val = report["config"], report["val_accuracy_full_tokens"]
+    default = asdict(TrainConfig())
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if v != default[k])
+    accuracy = ", ".join(f"{k} {v:.3f}" for k, v in val.items())
+    lines = [
+        "# shapes-llava",
+        "",
+        "The bundled default model of `sparsevlm serve`: the LLaVA-1.5 architecture (CLIP",
+        "ViT-336/14 -> 576 visual tokens, 2-layer GELU projector, Llama LM) trained from scratch",
+        "on the shapes task (`shapes/task.py`) by `shapes/train.py`, saved in the llava-hf",
+        "layout; vLLM loads it unchanged.",
+        "",
+        f"- Parameters: {report['parameters']:,}; vision tower {cfg['vision_layers']} layers x "
+        f"{cfg['vision_hidden']}, language model {cfg['text_layers']} layers x "
+        f"{cfg['text_hidden']} (head dim 32).",
+        f"- Training: {cfg['steps']} steps x {cfg['batch_size']} images of the train split, "
+        f"AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine), seed {cfg['seed']}; "
+        f"{report['train_minutes']} min on {report['threads']} CPU threads "
+        f"({report['machine']}, torch {report['torch']}).",
+        f"- Conversations of up to {cfg['turns']} questions per image; the first turn is the "
+        "single-turn prompt that is served and scored.",
+        f"- Auxiliary per-patch loss (weight {cfg['aux_weight']}, training only, head not saved).",
+        f"- Random visual-token dropping on {cfg['drop_prob']:.0%} of steps (keep "
+        f"{cfg['min_keep']}-575, positions compacted as in serving). Every method in the",
+        "  accuracy benchmark is served by this same model.",
+        f"- Validation accuracy, all 576 tokens, {cfg['val_size']} questions: {accuracy}.",
+        "",
+        "Accuracy per visual-token budget and method, through the server:",
+        "[docs/bench/accuracy.md](../../docs/bench/accuracy.md).",
+        "",
+        f"Reproduce: `python -m shapes.train --out models/shapes-llava {flags}`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -78,6 +78,11 @@ def test_cpu_override_builds_the_bundled_model_image():
     assert (ROOT / engine["build"]["dockerfile"]).exists()
     assert "--trust-request-mm-kwargs" in engine["command"]
     assert "ports" not in engine
+    model = next(c.split("=", 1)[1] for c in engine["command"] if c.startswith("--model="))
+    bundled = ROOT / model.removeprefix("/opt/sparsevlm/")  # the image copies the repo there
+    assert (bundled / "config.json").exists(), model
+    gateway = CPU["services"]["gateway"]["environment"]
+    assert gateway["SPARSEVLM_GATEWAY_MODEL_DIR"] == model
 
 
 def test_dashboard_structure():
