@@ -72,11 +72,14 @@ class TrainConfig:
     turns: int = 5  # questions per training conversation (the first is the single-turn prompt)
     drop_prob: float = 0.3  # share of steps trained on a random subset of the visual tokens
     min_keep: int = 32
+    max_keep: int = 575  # dropped steps keep a uniform count in [min_keep, max_keep]
     vision_hidden: int = 64
     vision_layers: int = 3
     text_hidden: int = 128
     text_layers: int = 4
     val_size: int = 500
+    init: str = ""  # checkpoint to continue from ("" = from scratch)
+    data_offset: int = 0  # first training batch index (a continued run takes unseen batches)
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, image_token_id: int):
@@ -239,9 +242,12 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
     torch.manual_seed(cfg.seed)
     processor = build_tokenizer_and_processor()
     tok = processor.tokenizer
-    model = LlavaForConditionalGeneration(
-        model_config(cfg, len(tok), tok.convert_tokens_to_ids("<image>"))
-    )
+    if cfg.init:  # continue from an earlier run's checkpoint (new data: see data_offset)
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init, dtype=torch.float32)
+    else:
+        model = LlavaForConditionalGeneration(
+            model_config(cfg, len(tok), tok.convert_tokens_to_ids("<image>"))
+        )
     model.train()
     enc = Encoder(processor)
     head = torch.nn.Linear(cfg.text_hidden, sum(AUX_CLASSES))  # training-only, not saved
@@ -258,16 +264,16 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
     t0 = time.monotonic()
     history = []
     for step in range(cfg.steps):
-        batch = [sample("train", step * cfg.batch_size + i) for i in range(cfg.batch_size)]
+        first = (cfg.data_offset + step) * cfg.batch_size
+        batch = [sample("train", first + i) for i in range(cfg.batch_size)]
         keep = N_VISUAL
         if rng.random() < cfg.drop_prob:
-            keep = int(rng.integers(cfg.min_keep, N_VISUAL))
+            keep = int(rng.integers(cfg.min_keep, cfg.max_keep + 1))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         feats = image_features(model, batch)
         follow = [
-            follow_ups("train", step * cfg.batch_size + i, s.objects)[: cfg.turns - 1]
-            for i, s in enumerate(batch)
+            follow_ups("train", first + i, s.objects)[: cfg.turns - 1] for i, s in enumerate(batch)
         ]
         logits, targets = batch_logits(model, enc, batch, keep, gen, feats, follow)
         loss = F.cross_entropy(logits, targets)
@@ -329,8 +335,8 @@ def model_card(report: dict) -> str:
         "single-turn prompt that is served and scored.",
         f"- Auxiliary per-patch loss (weight {cfg['aux_weight']}, training only, head not saved).",
         f"- Random visual-token dropping on {cfg['drop_prob']:.0%} of steps (keep "
-        f"{cfg['min_keep']}-575, positions compacted as in serving). Every method in the",
-        "  accuracy benchmark is served by this same model.",
+        f"{cfg['min_keep']}-{cfg['max_keep']}, positions compacted as in serving). Every method",
+        "  in the accuracy benchmark is served by this same model.",
         f"- Validation accuracy, all 576 tokens, {cfg['val_size']} questions: {accuracy}.",
         "",
         "Accuracy per visual-token budget and method, through the server:",
