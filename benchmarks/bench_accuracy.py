@@ -121,7 +121,9 @@ def run_reference(model_dir: Path, samples: list[Sample]) -> tuple[dict, tuple[i
     with torch.no_grad():
         for x in inputs:
             out = model.generate(**x, max_new_tokens=4, do_sample=False)
-            answers.append(first_word(tok.decode(out[0, x["input_ids"].shape[1] :])))
+            answers.append(
+                first_word(tok.decode(out[0, x["input_ids"].shape[1] :], skip_special_tokens=True))
+            )
     results["HF transformers, unpruned"] = score(samples, answers)
     for setting in REFERENCE_SETTINGS:
         ref = ReferenceSparseVLM(model, setting=setting, version="v1.5")

@@ -85,6 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             limits=httpx.Limits(
                 max_connections=settings.max_concurrency + 8,
                 max_keepalive_connections=settings.max_concurrency,
+                # below the engine's (uvicorn's) 5 s keep-alive, so an idle connection is never
+                # reused just as the engine closes it (a spurious 502 under bursty load)
+                keepalive_expiry=2.0,
             ),
         )
         try:

@@ -36,7 +36,11 @@ async def send(
     """
     request = client.build_request(method, path, **kwargs)
     try:
-        resp = await client.send(request, stream=stream)
+        try:
+            resp = await client.send(request, stream=stream)
+        except httpx.RemoteProtocolError:
+            # A pooled connection closed by the engine before it read the request: resend once.
+            resp = await client.send(client.build_request(method, path, **kwargs), stream=stream)
     except httpx.HTTPError as exc:
         kind, err = classify(exc)
         metrics.upstream_errors.labels(kind=kind).inc()
