@@ -102,6 +102,19 @@ def split_around_images(prompt: Sequence[int], image_token_id: int) -> list[tupl
     return out
 
 
+def without_knob(hf_kwargs: Mapping[str, object]) -> dict[str, object]:
+    """The HF processor kwargs minus our knob (HF and vLLM's own code must never see it)."""
+    return {k: v for k, v in hf_kwargs.items() if k != KNOB_KEY}
+
+
+def item_budget(item: Any) -> int | None:
+    """The budget K stored in one image's multimodal kwargs item (None: not pruned)."""
+    if item is None:
+        return None
+    elem = item.get(PARAMS_FIELD)
+    return None if elem is None else int(elem.data[1])
+
+
 def _fold(item_hash: str, salt: str) -> str:
     return hashlib.sha256(f"{item_hash}|{salt}".encode()).hexdigest()
 
@@ -163,7 +176,7 @@ class SparseProcessorMixin:
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
         knob = self._resolve_knob(inputs.hf_processor_mm_kwargs)
-        hf_kwargs = {k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k != KNOB_KEY}
+        hf_kwargs = without_knob(inputs.hf_processor_mm_kwargs)
         n_images = len(inputs.mm_data_items.get("image", []) or [])
         if knob is not None and n_images:
             hf_kwargs[KNOB_KEY] = {"canonical": knob.canonical(), "prompt": list(inputs.prompt)}
@@ -179,8 +192,9 @@ class SparseProcessorMixin:
         hf_processor_mm_kwargs: Mapping[str, object],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
-        hf_kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != KNOB_KEY}
-        updates = super()._get_prompt_updates(mm_items, hf_kwargs, out_mm_kwargs)  # type: ignore[misc]
+        updates = super()._get_prompt_updates(  # type: ignore[misc]
+            mm_items, without_knob(hf_processor_mm_kwargs), out_mm_kwargs
+        )
         n_images = mm_items.get_all_counts().get("image", 0)
         if not any(self.kept_count(out_mm_kwargs, i) is not None for i in range(n_images)):
             return updates  # unpruned requests: vLLM's own updates, untouched
@@ -223,7 +237,7 @@ class SparseProcessorMixin:
         return mm_is_cached, missing
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != KNOB_KEY}
+        hf_kwargs = without_knob(hf_kwargs)
         return super()._call_hf_processor(hf_data, hf_kwargs)  # type: ignore[misc]
 
     def _postprocess_hf_mm_data(
@@ -247,7 +261,7 @@ class SparseProcessorMixin:
         around = split_around_images(prompt, self._image_token_id())
         items = self.info.parse_mm_data({"image": mm_inputs.get("images", [])}, validate=False)
         params, prefixes, suffixes = [], [], []
-        hf_kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != KNOB_KEY}
+        hf_kwargs = without_knob(hf_processor_mm_kwargs)
         for local_idx, ordinal in enumerate(ordinals):
             n = self._num_image_tokens(items, local_idx, hf_kwargs)
             params.append(
@@ -284,10 +298,7 @@ class SparseProcessorMixin:
     def kept_count(out_mm_kwargs: MultiModalKwargsItems, item_idx: int) -> int | None:
         """The budget fixed for image ``item_idx`` (None when that image is not pruned)."""
         items = out_mm_kwargs.get("image", [])
-        if item_idx >= len(items) or items[item_idx] is None:
-            return None
-        elem = items[item_idx].get(PARAMS_FIELD)
-        return None if elem is None else int(elem.data[1])
+        return item_budget(items[item_idx]) if item_idx < len(items) else None
 
     @contextlib.contextmanager
     def _processing_all(self, n_images: int) -> Iterator[None]:
@@ -301,7 +312,7 @@ class SparseProcessorMixin:
         self, mm_items: MultiModalDataItems, result: Any, hf_kwargs: Mapping[str, object]
     ) -> None:
         model = self._model_label()
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != KNOB_KEY}
+        hf_kwargs = without_knob(hf_kwargs)
         original = sum(
             self._num_image_tokens(mm_items, i, hf_kwargs)
             for i in range(len(mm_items.get("image", [])))

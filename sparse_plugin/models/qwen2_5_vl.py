@@ -30,7 +30,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 
-from sparse_plugin.models._processing import PARAMS_FIELD, SparseProcessorMixin
+from sparse_plugin.models._processing import SparseProcessorMixin, item_budget
 from sparse_plugin.models._selection import Grid, SparseEmbedMixin
 
 
@@ -63,9 +63,7 @@ def _text_positions(length: int, start: int) -> np.ndarray:
 
 def kept_of(feature: Any) -> int | None:
     """K for a pruned image feature (a MultiModalFeatureSpec), None when it is not pruned."""
-    if feature.modality != "image" or feature.data is None or PARAMS_FIELD not in feature.data:
-        return None
-    return int(feature.data[PARAMS_FIELD].data[1])
+    return item_budget(feature.data) if feature.modality == "image" else None
 
 
 @MULTIMODAL_REGISTRY.register_processor(
