@@ -167,6 +167,14 @@ def patch_labels(objects: tuple[Obj, ...]) -> np.ndarray:
     return labels
 
 
+def named_objects(question: str, objects: tuple[Obj, ...]) -> tuple[Obj, ...]:
+    """The objects a question is about: those of the shape and/or colour it names."""
+    words = {w.strip("?.,").lower().removesuffix("s") for w in question.split()}
+    shape = next((s for s in SHAPES if s in words), None)
+    color = next((c for c in COLORS if c in words), None)
+    return tuple(o for o in objects if shape in (None, o.shape) and color in (None, o.color))
+
+
 def sample(split: str, index: int, kind: str | None = None) -> Sample:
     """Sample ``index`` of ``split``; the question type cycles so every type is equally common."""
     rng = np.random.default_rng([SPLITS[split], index])

@@ -23,6 +23,17 @@ from sparse_plugin import core
 logger = logging.getLogger("sparse_plugin.reference")
 
 
+def llama_qk(layer, hidden: Tensor, pos_emb) -> tuple[Tensor, Tensor]:
+    """Queries and keys after RoPE of an HF Llama decoder layer whose input is ``hidden`` (B, L, d):
+    (B, H, L, dh) and (B, Hkv, L, dh)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    return apply_rotary_pos_emb(q, k, *pos_emb)
+
+
 def scaled_prune_layers(num_layers: int, base: tuple[int, ...] = core.PRUNE_LAYERS) -> tuple:
     """The paper's layers (for 32 layers) mapped proportionally onto a shallower/deeper LM."""
     if num_layers == 32:
@@ -99,12 +110,7 @@ class ReferenceSparseVLM:
         return ReferenceResult(tokens, counts)
 
     def _qk(self, layer, hidden: Tensor, pos_emb) -> tuple[Tensor, Tensor]:
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *pos_emb)
+        q, k = llama_qk(layer, hidden, pos_emb)
         return q[0], k[0]  # (H, L, dh), (Hkv, L, dh)
 
     def _prune(self, hidden, positions, raters, vs, n, q, k, listed):
