@@ -1,0 +1,59 @@
+"""Training-only pieces of the bundled model's trainer: the objects a question names, and the
+grounding loss checked against HF's own attention weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from shapes.task import named_objects, sample
+from shapes.train import TrainConfig, grounding_loss, model_config
+
+
+def test_named_objects_agree_with_the_answer():
+    for index in range(300):
+        s = sample("test", index)
+        named = named_objects(s.question, s.objects)
+        if s.kind == "color":
+            assert [o.color for o in named] == [s.answer], s.question
+        elif s.kind == "shape":
+            assert [o.shape for o in named] == [s.answer], s.question
+        elif s.kind == "exists":
+            assert bool(named) == (s.answer == "yes"), s.question
+        elif s.kind == "count":
+            assert len(named) == int(s.answer), s.question
+        else:
+            assert [o.quadrant for o in named] == [s.answer], s.question
+
+
+def test_grounding_loss_equals_hf_attention_mass():
+    torch.manual_seed(0)
+    cfg = TrainConfig(text_layers=3, vision_layers=1)
+    config = model_config(cfg, vocab_size=64, image_token_id=63)
+    config.text_config._attn_implementation = "eager"  # returns the attention weights
+    lm = LlavaForConditionalGeneration(config).eval().model.language_model
+    lengths, visual = (40, 33), slice(3, 23)
+    x = torch.randn(2, max(lengths), cfg.text_hidden)
+    mask = torch.zeros(2, max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    rng = np.random.default_rng(0)
+    probes = [
+        [(30, rng.random(20) < 0.3), (39, rng.random(20) < 0.3)],
+        [(25, rng.random(20) < 0.3), (32, np.zeros(20, dtype=bool))],  # names nothing: skipped
+    ]
+    layer = 1
+    with torch.no_grad():
+        out = lm(inputs_embeds=x, attention_mask=mask, output_hidden_states=True,
+                 output_attentions=True)  # fmt: skip
+        got = grounding_loss(lm, out.hidden_states[layer], layer, visual, probes)
+    attn = out.attentions[layer]  # (B, H, L, L)
+    expected = [
+        -torch.log(attn[b, :, p, visual].mean(0)[torch.from_numpy(m)].sum() + 1e-6)
+        for b, row in enumerate(probes)
+        for p, m in row
+        if m.any()
+    ]
+    assert len(expected) == 3
+    torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
