@@ -186,15 +186,19 @@ def sample(split: str, index: int, kind: str | None = None) -> Sample:
             return Sample(render(objects, rng), objects, kind, *qa)
 
 
-def follow_ups(split: str, index: int, objects: tuple[Obj, ...]) -> list[tuple[str, str]]:
-    """Further (question, answer) turns about sample ``index``'s scene, one per question type
-    this scene can pose, in a seeded order (multi-turn training conversations)."""
+def follow_ups(
+    split: str, index: int, objects: tuple[Obj, ...], rounds: int = 1
+) -> list[tuple[str, str]]:
+    """Further (question, answer) turns about sample ``index``'s scene (multi-turn training
+    conversations): per round, one question of each type the scene can pose, in a seeded order;
+    no question twice. Round 1 does not depend on ``rounds``."""
     rng = np.random.default_rng([SPLITS[split], index, 1])
-    turns = []
-    for kind in rng.permutation(QUESTION_TYPES):
-        qa = _ask(str(kind), objects, rng)
-        if qa is not None:
-            turns.append(qa)
+    turns: list[tuple[str, str]] = []
+    for _ in range(rounds):
+        for kind in rng.permutation(QUESTION_TYPES):
+            qa = _ask(str(kind), objects, rng)
+            if qa is not None and qa not in turns:
+                turns.append(qa)
     return turns
 
 

@@ -319,9 +319,12 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         feats = image_features(model, batch)
+        rounds = -(-(cfg.turns - 1) // len(QUESTION_TYPES))  # enough rounds for the turns asked
         follow = [
-            follow_ups("train", first + i, s.objects)[: cfg.turns - 1] for i, s in enumerate(batch)
+            [qa for qa in follow_ups("train", first + i, s.objects, rounds) if qa[0] != s.question]
+            for i, s in enumerate(batch)
         ]
+        follow = [f[: cfg.turns - 1] for f in follow]
         grounded = cfg.ground_layer if cfg.ground_weight > 0 else None
         logits, targets, ground = batch_logits(
             model, enc, batch, keep, gen, feats, follow, grounded
