@@ -13,9 +13,10 @@ and predicts that patch's shape, colour, object quadrant and "object centre here
 ``shapes.task.patch_labels``). It gives the vision tower dense supervision so that the language
 model has something to look for; the head is training-only and is not saved.
 
-Conversations (``--turns``): each training image comes with up to 5 questions as a multi-turn
-chat, LLaVA's own training format; the first turn is exactly the single-turn prompt served and
-scored, the later ones give the language model more answers per image encoded.
+Conversations (``--turns``): each training image comes with up to that many questions as a
+multi-turn chat, LLaVA's own training format; the first turn is exactly the single-turn prompt
+served and scored, the later ones (``shapes.task.follow_ups``, as many rounds over the question
+types as needed) give the language model more answers per image encoded.
 
 Grounding (``--ground-weight``, ``--ground-layer``): a training-only loss on one decoder layer's
 attention from each answer position: -log of the attention mass (mean over heads) on the patches of
