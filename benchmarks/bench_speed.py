@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -115,6 +116,42 @@ async def run(url: str, bodies: list[dict], concurrency: int) -> list[tuple[floa
         return await asyncio.gather(*(limited(b) for b in bodies))
 
 
+def kv_capacity_tokens(server: VllmServer) -> int | None:
+    """The engine's KV-cache size in tokens, as it logs it at start-up."""
+    m = re.search(r"KV cache size: ([\d,]+) tokens", server.log_text())
+    return int(m.group(1).replace(",", "")) if m else None
+
+
+def engine_rss_mib(server: VllmServer) -> float:
+    """Resident memory of the engine's whole process group (API server, core, worker), MiB."""
+    assert server.proc is not None
+    pgid, total = server.proc.pid, 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # field 5 of /proc/pid/stat: process group id
+                total += int(fields[21]) * 4096  # field 24: rss in pages
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 2**20
+
+
+async def sample_while(url: str, server: VllmServer, task, every: float = 0.25):
+    """Run ``task``; meanwhile sample peak KV-cache usage (fraction) and engine RSS (MiB)."""
+    peak_kv, peak_rss = 0.0, 0.0
+    job = asyncio.ensure_future(task)
+    async with httpx.AsyncClient(timeout=30) as client:
+        while not job.done():
+            text = (await client.get(f"{url}/metrics")).text
+            for line in text.splitlines():
+                if line.startswith("vllm:kv_cache_usage_perc"):
+                    peak_kv = max(peak_kv, float(line.rsplit(" ", 1)[1]))
+            peak_rss = max(peak_rss, engine_rss_mib(server))
+            await asyncio.sleep(every)
+    await job
+    return peak_kv, peak_rss
+
+
 def median_ttft(url: str, make: Callable[[], dict], repeats: int) -> tuple[float, int]:
     """Median TTFT over fresh request bodies (new image each: no cache can serve a repeat)."""
     asyncio.run(run(url, [make()], 1))  # warm-up
@@ -125,7 +162,10 @@ def median_ttft(url: str, make: Callable[[], dict], repeats: int) -> tuple[float
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[576, 192, 128, 64])
+    ap.add_argument(
+        "--budgets", nargs="+", default=["576", "192", "128", "64", "64@0"],
+        help="K per image, optionally @score_layer (default layer 2)",
+    )  # fmt: skip
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--requests", type=int, default=16, help="requests per throughput run")
     ap.add_argument("--model-dir", default=str(ROOT / ".cache" / "bench-llava-340m"))
@@ -136,15 +176,19 @@ def main() -> None:
         model_dir, name="bench-speed", extra_args=["--no-enable-prefix-caching"]
     ).start(timeout=900)
     name = model_dir.name
-    rows, thr, dec = [], {}, {}
+    rows, thr, dec, mem = [], {}, {}, {}
     try:
         text_base, _ = median_ttft(server.url, lambda: body(name, None, 1, 0), args.repeats)
         full_ttft, full_prompt = median_ttft(server.url, lambda: body(name, None, 1), args.repeats)
         words = full_prompt - 12
         text_full, _ = median_ttft(server.url, lambda: body(name, None, 1, words), args.repeats)
         vision = max(0.0, full_ttft - text_full)  # processor + vision tower + projector
-        for k in args.budgets:
-            knob = None if k >= 576 else {"visual_tokens": k}
+        kv_tokens = kv_capacity_tokens(server)
+        for label in args.budgets:
+            k, _, layer = label.partition("@")
+            k = int(k)
+            knob = None if k >= 576 else {"visual_tokens": k, "score_layer": int(layer or 2)}
+            k = label if layer else k
             ttft, prompt = median_ttft(server.url, lambda k=knob: body(name, k, 1), args.repeats)
             n_words = max(0, prompt - 12)
             ideal_text, _ = median_ttft(
@@ -156,7 +200,12 @@ def main() -> None:
             for c in args.concurrency:
                 t0 = time.perf_counter()
                 bodies = [body(name, knob, 16) for _ in range(args.requests)]
-                asyncio.run(run(server.url, bodies, c))
+                if c == max(args.concurrency):
+                    mem[k] = asyncio.run(
+                        sample_while(server.url, server, run(server.url, bodies, c))
+                    )
+                else:
+                    asyncio.run(run(server.url, bodies, c))
                 thr[(k, c)] = args.requests / (time.perf_counter() - t0)
     finally:
         server.stop()
@@ -183,15 +232,17 @@ def main() -> None:
         "| visual tokens K | prompt tokens | TTFT (ms) | ideal (ms) | overhead TTFT/ideal | "
         "speedup vs 576 | decode tok/s | "
         + " | ".join(f"req/s @{c}" for c in args.concurrency)
-        + " |",
-        "|---" * (7 + len(args.concurrency)) + "|",
+        + f" | peak KV tokens @{max(args.concurrency)} | peak engine RSS (MiB) |",
+        "|---" * (9 + len(args.concurrency)) + "|",
     ]
     for k, prompt, ttft, ideal in rows:
+        kv, rss = mem[k]
+        kv_cell = f"{kv * kv_tokens:.0f}" if kv_tokens else f"{100 * kv:.1f} %"
         lines.append(
             f"| {k} | {prompt} | {ttft * 1e3:.0f} | {ideal * 1e3:.0f} | {ttft / ideal:.2f} | "
             f"{full / ttft:.2f}× | {dec[k]:.1f} | "
             + " | ".join(f"{thr[(k, c)]:.2f}" for c in args.concurrency)
-            + " |"
+            + f" | {kv_cell} | {rss:.0f} |"
         )
     base8 = thr.get((576, max(args.concurrency)))
     k64 = thr.get((64, max(args.concurrency)))
@@ -202,7 +253,12 @@ def main() -> None:
         "",
         "ideal = TTFT of a text-only prompt with the pruned prompt's length + the vision step. "
         "Overhead above 1 is the cost of scoring (the score_layer = 2 probe re-runs 2 of the 24 "
-        "layers on the unpruned sequence) and selection.",
+        "layers on the unpruned sequence) and selection; `64@0` scores at layer 0 (no probe "
+        "layers). Peak KV tokens: vLLM's `vllm:kv_cache_usage_perc` (sampled every 250 ms) × the "
+        f"KV-cache size the engine logged ({kv_tokens} tokens) during the highest-concurrency "
+        "run. RSS: the engine's process group; on CPU the KV cache is allocated up front "
+        "(VLLM_CPU_KVCACHE_SPACE), so pruning frees KV blocks for more concurrent requests "
+        "rather than lowering RSS.",
     ]
     (out / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201 - benchmark report
@@ -213,6 +269,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in rows if isinstance(r[0], int)]  # the K axis; layer-0 rows in the table
     ks = [r[0] for r in rows]
     ax.plot(ks, [r[2] * 1e3 for r in rows], "o-", label="TTFT (pruned, measured)")
     ax.plot(ks, [r[3] * 1e3 for r in rows], "s--", label="ideal (text of same length + vision)")

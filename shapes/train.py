@@ -25,8 +25,11 @@ scale; this gives a 2-core budget the same behaviour. It is applied at layer 1, 
 SparseVLM and fastv score with (2), so no method's own signal is trained.
 
 Augmentation (``--drop-prob``): on that share of steps each image keeps a random subset of its
-576 tokens, positions compacted as the plugin compacts them. Every method compared in the
-accuracy benchmark is served by this same model.
+576 tokens, positions compacted as the plugin compacts them. ``--focus-prob``: on that share of
+steps the subset is foreground-first (object patches in random order, then background), the kind
+of set a question-guided method leaves, so the model learns to count and locate without the
+background around the objects. Neither looks at the question or at any model's attention. Every
+method compared in the accuracy benchmark is served by this same model.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ class TrainConfig:
     drop_prob: float = 0.3  # share of steps trained on a random subset of the visual tokens
     min_keep: int = 32
     max_keep: int = 575  # dropped steps keep a uniform count in [min_keep, max_keep]
+    focus_prob: float = 0.0  # share of steps keeping mostly object patches (see keep_indices)
+    focus_min_keep: int = 48
+    focus_max_keep: int = 256
     vision_hidden: int = 64
     vision_layers: int = 3
     text_hidden: int = 128
@@ -190,6 +196,16 @@ def grounding_loss(
     return torch.cat(losses).mean() if losses else hidden.new_zeros(())
 
 
+def keep_indices(s: Sample, keep: int, gen: torch.Generator, focus: bool = False) -> torch.Tensor:
+    """(keep,) sorted visual-token indices an image keeps: a random subset, or with ``focus`` its
+    object patches first (random among them) and then random background. Sorted, so positions
+    compact in the original order as in serving."""
+    score = torch.rand(N_VISUAL, generator=gen)  # (576,)
+    if focus:
+        score += torch.from_numpy(patch_labels(s.objects)[0].flatten() > 0)
+    return score.topk(keep).indices.sort().values
+
+
 def batch_logits(
     model: LlavaForConditionalGeneration,
     enc: Encoder,
@@ -199,19 +215,19 @@ def batch_logits(
     feats: torch.Tensor | None = None,
     follow: list[list[tuple[str, str]]] | None = None,
     ground_layer: int | None = None,
+    focus: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Teacher-forced logits at the answer positions and their targets, (n, V) and (n,), and the
     grounding loss at ``ground_layer`` (None when not asked).
 
     ``follow``: per sample, further (question, answer) turns appended as a multi-turn chat; the
-    first turn is always exactly the served single-turn prompt."""
+    first turn is always exactly the served single-turn prompt. ``keep`` < 576: each image keeps
+    that many tokens (``keep_indices``)."""
     if feats is None:
         feats = image_features(model, batch)  # (B, 576, d)
     idx = torch.arange(N_VISUAL).expand(len(batch), -1)
-    if keep < N_VISUAL:  # random subsets, original order kept: positions compact as in serving
-        idx = torch.stack(
-            [torch.randperm(N_VISUAL, generator=gen)[:keep].sort().values for _ in batch]
-        )
+    if keep < N_VISUAL:
+        idx = torch.stack([keep_indices(s, keep, gen, focus) for s in batch])  # (B, keep)
         feats = torch.gather(feats, 1, idx[..., None].expand(-1, -1, feats.shape[-1]))
     embed = model.model.language_model.embed_tokens
     rows, targets, target_pos = [], [], []
@@ -263,13 +279,15 @@ def answers_correct(logits: torch.Tensor, targets: torch.Tensor, lengths: list[i
 
 
 @torch.no_grad()
-def evaluate(model, enc: Encoder, split: str, n: int, keep: int = N_VISUAL) -> dict[str, float]:
+def evaluate(
+    model, enc: Encoder, split: str, n: int, keep: int = N_VISUAL, focus: bool = False
+) -> dict[str, float]:
     model.eval()
     gen = torch.Generator().manual_seed(0)
     per_kind: dict[str, list[bool]] = {k: [] for k in QUESTION_TYPES}
     for start in range(0, n, 50):
         batch = [sample(split, i) for i in range(start, min(n, start + 50))]
-        logits, targets, _ = batch_logits(model, enc, batch, keep, gen)
+        logits, targets, _ = batch_logits(model, enc, batch, keep, gen, focus=focus)
         lengths = [len(enc.answer(s.answer)) for s in batch]
         for s, ok in zip(batch, answers_correct(logits, targets, lengths), strict=True):
             per_kind[s.kind].append(ok)
@@ -314,9 +332,12 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
     for step in range(cfg.steps):
         first = (cfg.data_offset + step) * cfg.batch_size
         batch = [sample("train", first + i) for i in range(cfg.batch_size)]
-        keep = N_VISUAL
-        if rng.random() < cfg.drop_prob:
+        keep, focus, draw = N_VISUAL, False, rng.random()
+        if draw < cfg.drop_prob:
             keep = int(rng.integers(cfg.min_keep, cfg.max_keep + 1))
+        elif draw < cfg.drop_prob + cfg.focus_prob:
+            keep = int(rng.integers(cfg.focus_min_keep, cfg.focus_max_keep + 1))
+            focus = True
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         feats = image_features(model, batch)
@@ -328,7 +349,7 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         follow = [f[: cfg.turns - 1] for f in follow]
         grounded = cfg.ground_layer if cfg.ground_weight > 0 else None
         logits, targets, ground = batch_logits(
-            model, enc, batch, keep, gen, feats, follow, grounded
+            model, enc, batch, keep, gen, feats, follow, grounded, focus
         )
         loss = F.cross_entropy(logits, targets)
         aux = aux_loss(head, feats, batch)
@@ -346,10 +367,13 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
                 "ground": round(ground.item(), 4) if ground is not None else None,
                 "loss": round(loss.item(), 4),
                 "keep": keep,
+                "focus": focus,
                 "minutes": round((time.monotonic() - t0) / 60, 2),
             }
             if cfg.eval_every and step and step % cfg.eval_every == 0:
                 entry["val100"] = round(evaluate(model, enc, "val", 100)["all"], 3)
+                focused = evaluate(model, enc, "val", 100, keep=64, focus=True)["all"]
+                entry["val100_focus64"] = round(focused, 3)
                 save_llava(model, processor, out)  # a run stopped early keeps its progress
             history.append(entry)
             print(json.dumps(entry), flush=True)  # noqa: T201 - training progress

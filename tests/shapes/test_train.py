@@ -1,5 +1,6 @@
-"""Training-only pieces of the bundled model's trainer: the objects a question names, and the
-grounding loss checked against HF's own attention weights."""
+"""Training-only pieces of the bundled model's trainer: the objects a question names, the
+visual-token subsets of token-dropping augmentation, and the grounding loss checked against HF's
+own attention weights."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from shapes.task import named_objects, sample
-from shapes.train import TrainConfig, grounding_loss, model_config
+from shapes.task import named_objects, patch_labels, sample
+from shapes.train import N_VISUAL, TrainConfig, grounding_loss, keep_indices, model_config
 
 
 def test_named_objects_agree_with_the_answer():
@@ -25,6 +26,21 @@ def test_named_objects_agree_with_the_answer():
             assert len(named) == int(s.answer), s.question
         else:
             assert [o.quadrant for o in named] == [s.answer], s.question
+
+
+def test_focused_subsets_keep_object_patches_first():
+    gen = torch.Generator().manual_seed(0)
+    for index in range(20):
+        s = sample("train", index)
+        foreground = torch.from_numpy(patch_labels(s.objects)[0].flatten() > 0)  # (576,)
+        n_fg = int(foreground.sum())
+        for keep in (16, n_fg, n_fg + 40, 256):
+            idx = keep_indices(s, keep, gen, focus=True)
+            assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == keep
+            assert int(foreground[idx].sum()) == min(keep, n_fg)  # every kept slot used on objects
+        random_idx = keep_indices(s, 64, gen)  # without focus: foreground at its share, not all
+        assert int(foreground[random_idx].sum()) < min(64, n_fg)
+        assert len(random_idx) == 64 and bool((random_idx < N_VISUAL).all())
 
 
 def test_grounding_loss_equals_hf_attention_mass():
