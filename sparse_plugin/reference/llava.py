@@ -105,9 +105,16 @@ class ReferenceSparseVLM:
                     self.version, self.lists, self.prune_layers, counts)  # fmt: skip
         tokens = [int(self.model.lm_head(self.lm.norm(hidden[:, -1])).argmax(-1))]
         original_len = ids.numel()
+        eos = self._eos_ids()
         for t in range(max_new_tokens - 1):
+            if tokens[-1] in eos:  # as HF greedy decoding: the answer ends at EOS
+                break
             tokens.append(self._decode_step(tokens[-1], cache, original_len + t))
         return ReferenceResult(tokens, counts)
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
     def _qk(self, layer, hidden: Tensor, pos_emb) -> tuple[Tensor, Tensor]:
         q, k = llama_qk(layer, hidden, pos_emb)

@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from server.launch import BUNDLED_MODEL
+from shapes.task import sample
 from sparse_plugin.reference.llava import ReferenceSparseVLM, scaled_prune_layers
 
 # Visual tokens after layers 2 / 6 / 15, worked out by hand from the lists and the cluster rule
@@ -44,9 +46,26 @@ def test_reference_counts_and_generation(llava, version, setting):
     ref = ReferenceSparseVLM(model, setting=setting, version=version)
     out = ref.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=5)
     assert out.visual_counts == EXPECTED[(version, setting)]
-    assert len(out.tokens) == 5 and all(
-        0 <= t < model.config.text_config.vocab_size for t in out.tokens
+    eos = model.generation_config.eos_token_id
+    assert len(out.tokens) == 5 or (1 <= len(out.tokens) < 5 and out.tokens[-1] == eos)
+    assert all(0 <= t < model.config.text_config.vocab_size for t in out.tokens)
+
+
+def test_reference_stops_at_eos_like_hf_generate():
+    # The bundled model answers in one word then EOS; decoding on past EOS would glue a second
+    # answer onto the first once special tokens are stripped.
+    processor = AutoProcessor.from_pretrained(BUNDLED_MODEL)
+    model = LlavaForConditionalGeneration.from_pretrained(BUNDLED_MODEL, dtype=torch.float32)
+    s = sample("test", 0)
+    content = [{"type": "image"}, {"type": "text", "text": s.question}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True
     )
+    x = processor(images=s.image, text=text, return_tensors="pt")
+    ref = ReferenceSparseVLM(model, setting=192, version="v1.5")
+    out = ref.generate(x["input_ids"], x["pixel_values"], max_new_tokens=8)
+    eos = model.generation_config.eos_token_id
+    assert out.tokens[-1] == eos and eos not in out.tokens[:-1] and len(out.tokens) < 8
 
 
 def test_reference_first_token_matches_hf_when_pruning_is_a_no_op(llava):
