@@ -30,7 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shapes.task import QUESTION_TYPES, Sample, first_word, sample  # noqa: E402
+from shapes.task import QUESTION_TYPES, Sample, chat_inputs, first_word, sample  # noqa: E402
 
 BUDGETS = (576, 192, 128, 96, 64, 32)
 REFERENCE_SETTINGS = (192, 128, 64)
@@ -110,12 +110,7 @@ def run_reference(model_dir: Path, samples: list[Sample]) -> tuple[dict, tuple[i
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = processor.tokenizer
-    inputs = []
-    for s in samples:
-        content = [{"type": "image"}, {"type": "text", "text": s.question}]
-        messages = [{"role": "user", "content": content}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs.append(processor(images=s.image, text=prompt, return_tensors="pt"))
+    inputs = [chat_inputs(processor, s) for s in samples]
     results = {}
     answers = []
     with torch.no_grad():

@@ -202,6 +202,18 @@ def follow_ups(
     return turns
 
 
+def chat_prompt(processor, question: str) -> str:
+    """The served single-turn prompt text: one user turn, the image then the question."""
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def chat_inputs(processor, s: Sample):
+    """``s`` as HF transformers model inputs (input_ids, pixel_values, ...), batch of one."""
+    return processor(images=s.image, text=chat_prompt(processor, s.question), return_tensors="pt")
+
+
 def first_word(text: str) -> str:
     """The assistant's answer as scored: its first word, lower-cased, without punctuation."""
     words = text.strip().split()

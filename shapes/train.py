@@ -22,7 +22,8 @@ Grounding (``--ground-weight``, ``--ground-layer``): a training-only loss on one
 attention from each answer position: -log of the attention mass (mean over heads) on the patches of
 the objects the question names. Real VLMs learn to look where the question points from data at
 scale; this gives a 2-core budget the same behaviour. It is applied at layer 1, not at the layer
-SparseVLM and fastv score with (2), so no method's own signal is trained.
+SparseVLM and fastv score with (2). The position trained is the answer's, the query fastv-like
+scoring uses; SparseVLM's raters are the question's words, which it does not train.
 
 Augmentation (``--drop-prob``): on that share of steps each image keeps a random subset of its
 576 tokens, positions compacted as the plugin compacts them. ``--focus-prob``: on that share of
@@ -63,6 +64,7 @@ from .task import (
     QUESTION_TYPES,
     SHAPES,
     Sample,
+    chat_prompt,
     follow_ups,
     named_objects,
     patch_labels,
@@ -142,11 +144,7 @@ class Encoder:
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
 
     def prompt(self, question: str) -> tuple[list[int], list[int]]:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-        ]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tok(text, add_special_tokens=True)["input_ids"]
+        ids = self.tok(chat_prompt(self.processor, question), add_special_tokens=True)["input_ids"]
         at = ids.index(self.image_id)
         return ids[:at], ids[at + 1 :]
 
@@ -424,7 +422,8 @@ def model_card(report: dict) -> str:
                 f"- Grounding loss at decoder layer {cfg['ground_layer']} (weight "
                 f"{cfg['ground_weight']}, training only): the answer position's attention is",
                 "  pulled onto the patches of the objects the question names; SparseVLM and fastv",
-                "  score at layer 2, which is not trained this way.",
+                "  score at layer 2, which is not trained this way (fastv with the answer",
+                "  position's attention, SparseVLM with the question words').",
             ]
             if cfg.get("ground_weight")
             else []

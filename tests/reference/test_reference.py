@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from server.launch import BUNDLED_MODEL
-from shapes.task import sample
+from shapes.task import chat_inputs, sample
 from sparse_plugin.reference.llava import ReferenceSparseVLM, scaled_prune_layers
 
 # Visual tokens after layers 2 / 6 / 15, worked out by hand from the lists and the cluster rule
@@ -56,12 +56,7 @@ def test_reference_stops_at_eos_like_hf_generate():
     # answer onto the first once special tokens are stripped.
     processor = AutoProcessor.from_pretrained(BUNDLED_MODEL)
     model = LlavaForConditionalGeneration.from_pretrained(BUNDLED_MODEL, dtype=torch.float32)
-    s = sample("test", 0)
-    content = [{"type": "image"}, {"type": "text", "text": s.question}]
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True
-    )
-    x = processor(images=s.image, text=text, return_tensors="pt")
+    x = chat_inputs(processor, sample("test", 0))
     ref = ReferenceSparseVLM(model, setting=192, version="v1.5")
     out = ref.generate(x["input_ids"], x["pixel_values"], max_new_tokens=8)
     eos = model.generation_config.eos_token_id

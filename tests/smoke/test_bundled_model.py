@@ -17,7 +17,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from server.launch import BUNDLED_MODEL, default_model
-from shapes.task import first_word, sample
+from shapes.task import chat_inputs, first_word, sample
 from tests.conftest import image_data_url, serve_model
 from tests.vllm_server import VllmServer
 
@@ -68,11 +68,7 @@ def test_vllm_answers_equal_hf_and_match_the_training_report(bundled_server: Vll
     for i in range(N):
         s = sample("test", i)
         served.append(ask(bundled_server, i))
-        content = [{"type": "image"}, {"type": "text", "text": s.question}]
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-        x = processor(images=s.image, text=prompt, return_tensors="pt")
+        x = chat_inputs(processor, s)
         with torch.no_grad():
             out = model.generate(**x, max_new_tokens=4, do_sample=False)
         new = out[0, x["input_ids"].shape[1] :]
