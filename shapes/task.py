@@ -167,9 +167,25 @@ def patch_labels(objects: tuple[Obj, ...]) -> np.ndarray:
     return labels
 
 
+def _word_key(word: str) -> str:
+    """A question word as the scene names it: "Circles?" -> "circle"."""
+    return word.strip("?.,").lower().removesuffix("s")
+
+
+def naming_end(question: str) -> int:
+    """Characters of ``question`` through its last word naming a shape or colour (0: none): from
+    there on, a reader of the question knows which objects it is about."""
+    end = pos = 0
+    for word in question.split():
+        pos = question.index(word, pos) + len(word)
+        if _word_key(word) in (*SHAPES, *COLORS):
+            end = pos - (len(word) - len(word.rstrip("?.,")))
+    return end
+
+
 def named_objects(question: str, objects: tuple[Obj, ...]) -> tuple[Obj, ...]:
     """The objects a question is about: those of the shape and/or colour it names."""
-    words = {w.strip("?.,").lower().removesuffix("s") for w in question.split()}
+    words = {_word_key(w) for w in question.split()}
     shape = next((s for s in SHAPES if s in words), None)
     color = next((c for c in COLORS if c in words), None)
     return tuple(o for o in objects if shape in (None, o.shape) and color in (None, o.color))

@@ -18,12 +18,14 @@ multi-turn chat, LLaVA's own training format; the first turn is exactly the sing
 served and scored, the later ones (``shapes.task.follow_ups``, as many rounds over the question
 types as needed) give the language model more answers per image encoded.
 
-Grounding (``--ground-weight``, ``--ground-layer``): a training-only loss on one decoder layer's
+Grounding (``--ground-weight``, ``--ground-layers``): a training-only loss on decoder layers'
 attention from each answer position: -log of the attention mass (mean over heads) on the patches of
 the objects the question names. Real VLMs learn to look where the question points from data at
-scale; this gives a 2-core budget the same behaviour. It is applied at layer 1, not at the layer
-SparseVLM and fastv score with (2). The position trained is the answer's, the query fastv-like
-scoring uses; SparseVLM's raters are the question's words, which it does not train.
+scale; this gives a 2-core budget the same behaviour. With ``--ground-question`` the question's
+own positions from its last naming word on ("... blue circle? ASSISTANT:") are trained the same
+way: SparseVLM's raters are question words, fastv's query is the answer position. Earlier
+positions ("What", "Is there") cannot know the objects yet and are left alone. Layer 0 is never
+trained, so scoring there shows the methods without the signal.
 
 Augmentation (``--drop-prob``): on that share of steps each image keeps a random subset of its
 576 tokens, positions compacted as the plugin compacts them. ``--focus-prob``: on that share of
@@ -67,6 +69,7 @@ from .task import (
     chat_prompt,
     follow_ups,
     named_objects,
+    naming_end,
     patch_labels,
     sample,
 )
@@ -85,7 +88,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     aux_weight: float = 1.0
     ground_weight: float = 0.0  # attention grounding loss (0 = off)
-    ground_layer: int = 1
+    ground_layers: str = "1"  # comma-separated decoder layers the grounding loss is applied at
+    ground_question: bool = False  # also ground question positions from the last naming word on
     turns: int = 5  # questions per training conversation (the first is the single-turn prompt)
     drop_prob: float = 0.3  # share of steps trained on a random subset of the visual tokens
     min_keep: int = 32
@@ -142,6 +146,7 @@ class Encoder:
         self.tok = processor.tokenizer
         self.processor = processor
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
+        self._naming: dict[tuple[tuple[int, ...], str], int] = {}  # templates repeat: cache
 
     def prompt(self, question: str) -> tuple[list[int], list[int]]:
         ids = self.tok(chat_prompt(self.processor, question), add_special_tokens=True)["input_ids"]
@@ -154,6 +159,16 @@ class Encoder:
 
     def answer(self, answer: str) -> list[int]:
         return self.tok.encode(" " + answer, add_special_tokens=False) + [self.tok.eos_token_id]
+
+    def naming_token(self, asked: list[int], question: str) -> int:
+        """Index in ``asked`` (a turn's tokens, ``question`` among them) of the token completing
+        the question's last naming word; the last index when it names nothing."""
+        key = (tuple(asked), question)
+        if key not in self._naming:
+            need = self.tok.decode(asked).index(question) + naming_end(question)
+            ends = (t for t in range(len(asked)) if len(self.tok.decode(asked[: t + 1])) >= need)
+            self._naming[key] = next(ends) if naming_end(question) else len(asked) - 1
+        return self._naming[key]
 
 
 def image_features(model: LlavaForConditionalGeneration, batch: list[Sample]) -> torch.Tensor:
@@ -212,11 +227,13 @@ def batch_logits(
     gen: torch.Generator,
     feats: torch.Tensor | None = None,
     follow: list[list[tuple[str, str]]] | None = None,
-    ground_layer: int | None = None,
+    ground_layers: tuple[int, ...] = (),
     focus: bool = False,
+    ground_question: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Teacher-forced logits at the answer positions and their targets, (n, V) and (n,), and the
-    grounding loss at ``ground_layer`` (None when not asked).
+    grounding loss averaged over ``ground_layers`` (None when none); ``ground_question``: the
+    question's positions from its last naming word on are grounded along with the answer's.
 
     ``follow``: per sample, further (question, answer) turns appended as a multi-turn chat; the
     first turn is always exactly the served single-turn prompt. ``keep`` < 576: each image keeps
@@ -244,9 +261,12 @@ def batch_logits(
             tgt += answer
             pos += range(start, start + len(answer))
             text += answer
-            if ground_layer is not None:
+            if ground_layers:
                 named = patch_labels(named_objects(question, s.objects))[0].flatten() > 0
-                probes[b].append((start, named[idx[b].numpy()]))
+                first = start
+                if ground_question:
+                    first -= len(asked) - 1 - enc.naming_token(asked, question)
+                probes[b] += [(p, named[idx[b].numpy()]) for p in range(first, start + 1)]
         text = text[:-1]  # the final EOS is only a target
         rows.append(torch.cat([embed(torch.tensor(pre)), feats[b], embed(torch.tensor(text))]))
         targets.append(torch.tensor(tgt))
@@ -258,15 +278,15 @@ def batch_logits(
         padded[b, : r.shape[0]] = r
         mask[b, : r.shape[0]] = 1
     lm = model.model.language_model
-    out = lm(
-        inputs_embeds=padded, attention_mask=mask, output_hidden_states=ground_layer is not None
-    )
+    out = lm(inputs_embeds=padded, attention_mask=mask, output_hidden_states=bool(ground_layers))
     batch_idx = torch.cat([torch.full_like(p, b) for b, p in enumerate(target_pos)])
     logits = model.lm_head(out.last_hidden_state[batch_idx, torch.cat(target_pos)])
     ground = None
-    if ground_layer is not None:
+    if ground_layers:
         visual = slice(len(pre), len(pre) + keep)  # the prefix before the image is fixed
-        ground = grounding_loss(lm, out.hidden_states[ground_layer], ground_layer, visual, probes)
+        ground = torch.stack(
+            [grounding_loss(lm, out.hidden_states[i], i, visual, probes) for i in ground_layers]
+        ).mean()
     return logits, torch.cat(targets), ground
 
 
@@ -293,6 +313,10 @@ def evaluate(
     acc = {k: sum(v) / len(v) for k, v in per_kind.items() if v}
     acc["all"] = sum(sum(v) for v in per_kind.values()) / n
     return acc
+
+
+def ground_layers(cfg: TrainConfig) -> tuple[int, ...]:
+    return tuple(int(x) for x in cfg.ground_layers.split(","))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -345,9 +369,9 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
             for i, s in enumerate(batch)
         ]
         follow = [f[: cfg.turns - 1] for f in follow]
-        grounded = cfg.ground_layer if cfg.ground_weight > 0 else None
+        grounded = ground_layers(cfg) if cfg.ground_weight > 0 else ()
         logits, targets, ground = batch_logits(
-            model, enc, batch, keep, gen, feats, follow, grounded, focus
+            model, enc, batch, keep, gen, feats, follow, grounded, focus, cfg.ground_question
         )
         loss = F.cross_entropy(logits, targets)
         aux = aux_loss(head, feats, batch)
@@ -397,7 +421,11 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
 def model_card(report: dict) -> str:
     cfg, val = report["config"], report["val_accuracy_full_tokens"]
     default = asdict(TrainConfig())
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if v != default[k])
+    flags = " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in cfg.items()
+        if k in default and v != default[k]
+    )
     accuracy = ", ".join(f"{k} {v:.3f}" for k, v in val.items())
     lines = [
         "# shapes-llava",
@@ -419,11 +447,14 @@ def model_card(report: dict) -> str:
         f"- Auxiliary per-patch loss (weight {cfg['aux_weight']}, training only, head not saved).",
         *(
             [
-                f"- Grounding loss at decoder layer {cfg['ground_layer']} (weight "
-                f"{cfg['ground_weight']}, training only): the answer position's attention is",
-                "  pulled onto the patches of the objects the question names; SparseVLM and fastv",
-                "  score at layer 2, which is not trained this way (fastv with the answer",
-                "  position's attention, SparseVLM with the question words').",
+                f"- Grounding loss at decoder layers {cfg['ground_layers']} (weight "
+                f"{cfg['ground_weight']}, training only): the answer position's attention"
+                + (
+                    " and the question's from its last naming word on are"
+                    if cfg["ground_question"]
+                    else " is"
+                ),
+                "  pulled onto the patches of the objects the question names (layer 0 never).",
             ]
             if cfg.get("ground_weight")
             else []
@@ -446,7 +477,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("models/shapes-llava"))
     for field, default in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+        flag = f"--{field.replace('_', '-')}"
+        if isinstance(default, bool):  # type=bool would read "False" as True
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
     args = vars(parser.parse_args())
     out = args.pop("out")
     report = train(TrainConfig(**args), out)

@@ -1,15 +1,24 @@
 """Training-only pieces of the bundled model's trainer: the objects a question names, the
 visual-token subsets of token-dropping augmentation, and the grounding loss checked against HF's
-own attention weights."""
+own attention weights, and which question positions are grounded."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from shapes.task import named_objects, patch_labels, sample
-from shapes.train import N_VISUAL, TrainConfig, grounding_loss, keep_indices, model_config
+from shapes.task import named_objects, naming_end, patch_labels, sample
+from shapes.train import (
+    N_VISUAL,
+    Encoder,
+    TrainConfig,
+    grounding_loss,
+    keep_indices,
+    model_config,
+)
+from sparse_plugin.fixtures.llava import build_tokenizer_and_processor
 
 
 def test_named_objects_agree_with_the_answer():
@@ -73,3 +82,34 @@ def test_grounding_loss_equals_hf_attention_mass():
     ]
     assert len(expected) == 3
     torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "question, known",
+    [
+        ("What color is the square?", "What color is the square"),
+        ("What shape is the yellow object?", "What shape is the yellow"),
+        ("Is there a blue circle?", "Is there a blue circle"),
+        ("How many triangles are there?", "How many triangles"),
+        ("Where is the red square?", "Where is the red square"),
+        ("Is it there?", ""),
+    ],
+)
+def test_naming_end_is_where_the_question_has_named_its_objects(question, known):
+    assert question[: naming_end(question)] == known
+
+
+def test_question_positions_are_grounded_from_the_token_completing_the_last_name():
+    enc = Encoder(build_tokenizer_and_processor())
+    decode = enc.tok.decode
+    for index in range(10):  # two of each question type
+        question = sample("test", index).question
+        known = question[: naming_end(question)]
+        for asked in (enc.prompt(question)[1], enc.turn(question)):  # served turn, later turn
+            t = enc.naming_token(asked, question)
+            assert known in decode(asked[: t + 1]), (question, t)
+            assert known not in decode(asked[:t]), (question, t)  # no earlier position knows
+    assert (
+        enc.naming_token(enc.turn("Is it there?"), "Is it there?")
+        == len(enc.turn("Is it there?")) - 1
+    )
