@@ -19,13 +19,14 @@ served and scored, the later ones (``shapes.task.follow_ups``, as many rounds ov
 types as needed) give the language model more answers per image encoded.
 
 Grounding (``--ground-weight``, ``--ground-layers``): a training-only loss on decoder layers'
-attention from each answer position: -log of the attention mass (mean over heads) on the patches of
-the objects the question names. Real VLMs learn to look where the question points from data at
+attention from each position that predicts a word of the answer (for "top-left" also the one after
+"top-", where left/right is decided): -log of the attention mass (mean over heads) on the patches
+of the objects the question names. Real VLMs learn to look where the question points from data at
 scale; this gives a 2-core budget the same behaviour. With ``--ground-question`` the question's
 own positions from its last naming word on ("... blue circle? ASSISTANT:") are trained the same
 way: SparseVLM's raters are question words, fastv's query is the answer position. Earlier
-positions ("What", "Is there") cannot know the objects yet and are left alone. Layer 0 is never
-trained, so scoring there shows the methods without the signal.
+positions ("What", "Is there") cannot know the objects yet and are left alone. The bundled model
+grounds layers 1-2; scoring at layer 0 shows the methods without a trained signal.
 
 Augmentation (``--drop-prob``): on that share of steps each image keeps a random subset of its
 576 tokens, positions compacted as the plugin compacts them. ``--focus-prob``: on that share of
@@ -266,7 +267,8 @@ def batch_logits(
                 first = start
                 if ground_question:
                     first -= len(asked) - 1 - enc.naming_token(asked, question)
-                probes[b] += [(p, named[idx[b].numpy()]) for p in range(first, start + 1)]
+                last = start + len(answer) - 2  # every position predicting a word of the answer
+                probes[b] += [(p, named[idx[b].numpy()]) for p in range(first, last + 1)]
         text = text[:-1]  # the final EOS is only a target
         rows.append(torch.cat([embed(torch.tensor(pre)), feats[b], embed(torch.tensor(text))]))
         targets.append(torch.tensor(tgt))
