@@ -82,6 +82,7 @@ def answer_token_accuracy(model, enc: Encoder, kind: str, n: int) -> list[tuple[
 def object_patch_features(model, n_images: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(P, d) projected features of the validation images' object patches and their labels."""
     feats, labels = [], []
+    right_half = (torch.arange(N_VISUAL) % GRID >= GRID // 2).long()  # (576,)
     with torch.no_grad():
         for start in range(0, n_images, 50):
             batch = [sample("val", i) for i in range(start, min(n_images, start + 50))]
@@ -89,11 +90,8 @@ def object_patch_features(model, n_images: int) -> tuple[torch.Tensor, dict[str,
             for b, s in enumerate(batch):
                 lab = torch.from_numpy(patch_labels(s.objects)).flatten(1)  # (4, 576)
                 on = lab[0] > 0
-                column = torch.arange(N_VISUAL) % GRID
                 feats.append(f[b][on])
-                labels.append(
-                    torch.stack([lab[0], lab[1], lab[2], (column >= GRID // 2).long()])[:, on]
-                )
+                labels.append(torch.stack([lab[0], lab[1], lab[2], right_half])[:, on])
     y = torch.cat(labels, dim=1).long()
     names = ("shape", "colour", "quadrant", "right half")
     return torch.cat(feats), dict(zip(names, y, strict=True))
@@ -138,7 +136,7 @@ def report(model_dir: Path, questions: int, budget: int, layers: tuple[int, ...]
         *(
             f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |"
             for name, vals in recall.items()
-        ),  # fmt: skip
+        ),
         "",
         'Teacher-forced accuracy of each token of 60 validation "where" answers: '
         + ", ".join(f"`{t!r}` {a:.2f}" for t, a in tokens)

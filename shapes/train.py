@@ -450,13 +450,14 @@ def model_card(report: dict) -> str:
         *(
             [
                 f"- Grounding loss at decoder layers {cfg['ground_layers']} (weight "
-                f"{cfg['ground_weight']}, training only): the answer position's attention"
+                f"{cfg['ground_weight']}, training only): the attention of the positions that",
+                "  predict the answer's words"
                 + (
-                    " and the question's from its last naming word on are"
+                    ", and of the question's from its last naming word on,"
                     if cfg["ground_question"]
-                    else " is"
-                ),
-                "  pulled onto the patches of the objects the question names (layer 0 never).",
+                    else ""
+                )
+                + " is pulled onto the patches of the objects the question names.",
             ]
             if cfg.get("ground_weight")
             else []
