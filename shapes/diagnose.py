@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from sparse_plugin import core
-from sparse_plugin.reference.llava import llama_qk
+from sparse_plugin.reference.llava import llama_qk, prompt_embeds
 
 from .task import GRID, chat_inputs, named_objects, patch_labels, sample
 from .train import N_VISUAL, Encoder, batch_logits, image_features
@@ -46,18 +46,14 @@ def premise_recall(
             continue
         named = named.flatten()  # (576,)
         inputs = chat_inputs(processor, s)
-        ids = inputs["input_ids"][0]
-        vs = int((ids == model.config.image_token_id).nonzero()[0])
-        embeds = lm.embed_tokens(ids).clone()
-        feats = image_features(model, [s])[0]  # (576, d)
-        embeds[vs : vs + N_VISUAL] = feats
-        raters = core.select_raters(feats, embeds[vs + N_VISUAL :]) + vs + N_VISUAL
-        last = torch.tensor([ids.numel() - 1])
+        embeds, vs, n = prompt_embeds(model, inputs["input_ids"], inputs["pixel_values"])  # (L, d)
+        raters = core.select_raters(embeds[vs : vs + n], embeds[vs + n :]) + vs + n
+        last = torch.tensor([len(embeds) - 1])
         hidden = lm(inputs_embeds=embeds[None], output_hidden_states=True).hidden_states
-        visual = slice(vs, vs + N_VISUAL)
+        visual = slice(vs, vs + n)
         row = {name: [] for name in kept}
         for layer in layers:
-            pos_emb = lm.rotary_emb(hidden[layer], torch.arange(ids.numel())[None])
+            pos_emb = lm.rotary_emb(hidden[layer], torch.arange(len(embeds))[None])
             q, k = llama_qk(lm.layers[layer], hidden[layer], pos_emb)  # (1, H, L, dh), (1, Hkv, ..)
             for name, at in (("raters", raters), ("last position", last)):
                 scores = core.score_v15(core.rater_attention(q[0][:, at], k[0], at, visual))

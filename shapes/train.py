@@ -59,7 +59,7 @@ from sparse_plugin.fixtures.llava import (
     llava_config,
     save_llava,
 )
-from sparse_plugin.reference.llava import llama_qk
+from sparse_plugin.reference.llava import llama_qk, visual_features
 
 from .task import (
     COLORS,
@@ -166,18 +166,18 @@ class Encoder:
         the question's last naming word; the last index when it names nothing."""
         key = (tuple(asked), question)
         if key not in self._naming:
-            need = self.tok.decode(asked).index(question) + naming_end(question)
+            end = naming_end(question)
+            need = self.tok.decode(asked).index(question) + end
             ends = (t for t in range(len(asked)) if len(self.tok.decode(asked[: t + 1])) >= need)
-            self._naming[key] = next(ends) if naming_end(question) else len(asked) - 1
+            self._naming[key] = next(ends) if end else len(asked) - 1
         return self._naming[key]
 
 
 def image_features(model: LlavaForConditionalGeneration, batch: list[Sample]) -> torch.Tensor:
     """(B, 576, d) projected patch features: what the language model receives."""
-    feats = model.model.get_image_features(pixel_values=pixels([s.image for s in batch]))
-    feats = getattr(feats, "pooler_output", feats)
-    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-    return feats.reshape(len(batch), N_VISUAL, -1)
+    return visual_features(model, pixels([s.image for s in batch])).reshape(
+        len(batch), N_VISUAL, -1
+    )
 
 
 def aux_loss(head: torch.nn.Linear, feats: torch.Tensor, batch: list[Sample]) -> torch.Tensor:
@@ -268,7 +268,8 @@ def batch_logits(
                 if ground_question:
                     first -= len(asked) - 1 - enc.naming_token(asked, question)
                 last = start + len(answer) - 2  # every position predicting a word of the answer
-                probes[b] += [(p, named[idx[b].numpy()]) for p in range(first, last + 1)]
+                kept = named[idx[b].numpy()]  # (keep,)
+                probes[b] += [(p, kept) for p in range(first, last + 1)]
         text = text[:-1]  # the final EOS is only a target
         rows.append(torch.cat([embed(torch.tensor(pre)), feats[b], embed(torch.tensor(text))]))
         targets.append(torch.tensor(tgt))

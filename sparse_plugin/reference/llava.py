@@ -34,6 +34,29 @@ def llama_qk(layer, hidden: Tensor, pos_emb) -> tuple[Tensor, Tensor]:
     return apply_rotary_pos_emb(q, k, *pos_emb)
 
 
+def visual_features(model: LlavaForConditionalGeneration, pixel_values: Tensor) -> Tensor:
+    """(images x visual tokens, d) projected patch features, whichever container (tensor, list
+    per image, output object) this transformers version's ``get_image_features`` returns."""
+    feats = model.model.get_image_features(pixel_values=pixel_values)
+    feats = getattr(feats, "pooler_output", feats)
+    if isinstance(feats, (list, tuple)):
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def prompt_embeds(
+    model: LlavaForConditionalGeneration, input_ids: Tensor, pixel_values: Tensor
+) -> tuple[Tensor, int, int]:
+    """The language model's input for a one-image prompt: (L, d) embeddings with the image's
+    features in place of its placeholder tokens, the image's first position and token count."""
+    ids = input_ids[0]
+    image = (ids == model.config.image_token_id).nonzero().flatten()
+    vs, n = int(image[0]), int(image.numel())
+    embeds = model.model.language_model.embed_tokens(ids).clone()
+    embeds[vs : vs + n] = visual_features(model, pixel_values).to(embeds.dtype)
+    return embeds, vs, n
+
+
 def scaled_prune_layers(num_layers: int, base: tuple[int, ...] = core.PRUNE_LAYERS) -> tuple:
     """The paper's layers (for 32 layers) mapped proportionally onto a shallower/deeper LM."""
     if num_layers == 32:
@@ -72,14 +95,7 @@ class ReferenceSparseVLM:
     def generate(
         self, input_ids: Tensor, pixel_values: Tensor, max_new_tokens: int = 8
     ) -> ReferenceResult:
-        ids = input_ids[0]
-        image = (ids == self.model.config.image_token_id).nonzero().flatten()
-        vs, n = int(image[0]), int(image.numel())
-        embeds = self.lm.embed_tokens(ids).clone()
-        feats = self.model.model.get_image_features(pixel_values=pixel_values)
-        feats = getattr(feats, "pooler_output", feats)
-        feats = feats[0] if isinstance(feats, (list, tuple)) else feats
-        embeds[vs : vs + n] = feats.reshape(n, -1).to(embeds.dtype)
+        embeds, vs, n = prompt_embeds(self.model, input_ids, pixel_values)
         raters = core.select_raters(embeds[vs : vs + n], embeds[vs + n :]) + vs + n  # absolute
 
         hidden = embeds[None]  # (1, L, d)
@@ -104,7 +120,7 @@ class ReferenceSparseVLM:
         logger.info("reference %s/%s visual tokens after layers %s: %s",
                     self.version, self.lists, self.prune_layers, counts)  # fmt: skip
         tokens = [int(self.model.lm_head(self.lm.norm(hidden[:, -1])).argmax(-1))]
-        original_len = ids.numel()
+        original_len = input_ids.shape[1]
         eos = self._eos_ids()
         for t in range(max_new_tokens - 1):
             if tokens[-1] in eos:  # as HF greedy decoding: the answer ends at EOS
