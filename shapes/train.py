@@ -34,6 +34,11 @@ steps the subset is foreground-first (object patches in random order, then backg
 of set a question-guided method leaves, so the model learns to count and locate without the
 background around the objects. Neither looks at the question or at any model's attention. Every
 method compared in the accuracy benchmark is served by this same model.
+
+Position code (``--position-code``): adds a fixed 2-D sin-cos code, at that scale, to the CLIP
+position table of the starting model (``add_position_code``), so that the patch features, and
+with them the kept tokens after compaction, carry their row and column. Without it the learned
+table is swamped by the patch embeddings and the model cannot tell left from right.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ class TrainConfig:
     eval_every: int = 0  # >0: every that many steps, 100 val questions + a checkpoint save
     init: str = ""  # checkpoint to continue from ("" = from scratch)
     data_offset: int = 0  # first training batch index (a continued run takes unseen batches)
+    position_code: float = 0.0  # scale of the 2-D sin-cos code added to the ViT's position table
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, image_token_id: int):
@@ -318,6 +324,30 @@ def evaluate(
     return acc
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) fixed position code, row-major like the patches: the first half of the
+    channels codes the column, the second the row, each as sin and cos at dim // 4 frequencies."""
+    n = dim // 4
+    angles = torch.arange(grid).float()[:, None] / 100 ** (torch.arange(n) / n)  # (grid, n)
+    code = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, dim // 2)
+    column = code[None].expand(grid, grid, -1)
+    row = code[:, None].expand(grid, grid, -1)
+    return torch.cat([column, row], dim=-1).reshape(grid * grid, dim)
+
+
+@torch.no_grad()
+def add_position_code(model: LlavaForConditionalGeneration, scale: float) -> None:
+    """Add ``scale`` x a 2-D sin-cos code to the patch rows of the CLIP position table, in place.
+
+    The learned table starts at norm ~1 while patch embeddings grow to ~60, so after the ViT's
+    pre-LayerNorm the patch position is lost: linear probes on the stage-5 features read the
+    object's quadrant at chance, and the answer to "where" is left/right at chance. The code is
+    a change of weights, not of architecture: the checkpoint stays a plain llava-hf one."""
+    table = model.model.vision_tower.embeddings.position_embedding.weight  # (1 + 576, d)
+    grid = int(math.isqrt(table.shape[0] - 1))
+    table[1:] += scale * sincos_2d(grid, table.shape[1])
+
+
 def ground_layers(cfg: TrainConfig) -> tuple[int, ...]:
     return tuple(int(x) for x in cfg.ground_layers.split(","))
 
@@ -339,6 +369,8 @@ def train(cfg: TrainConfig, out: Path, log_every: int = 50) -> dict:
         model = LlavaForConditionalGeneration(
             model_config(cfg, len(tok), tok.convert_tokens_to_ids("<image>"))
         )
+    if cfg.position_code:
+        add_position_code(model, cfg.position_code)
     model.train()
     enc = Encoder(processor)
     head = torch.nn.Linear(cfg.text_hidden, sum(AUX_CLASSES))  # training-only, not saved
@@ -461,6 +493,15 @@ def model_card(report: dict) -> str:
                 + " is pulled onto the patches of the objects the question names.",
             ]
             if cfg.get("ground_weight")
+            else []
+        ),
+        *(
+            [
+                f"- A fixed 2-D sin-cos code (x {cfg['position_code']}) was added to the vision "
+                "tower's position table at the start of the run, so patch features carry their "
+                "row and column.",
+            ]
+            if cfg.get("position_code")
             else []
         ),
         f"- Random visual-token dropping on {cfg['drop_prob']:.0%} of steps (keep "

@@ -1,6 +1,6 @@
 """Training-only pieces of the bundled model's trainer: the objects a question names, the
 visual-token subsets of token-dropping augmentation, and the grounding loss checked against HF's
-own attention weights, and which question positions are grounded."""
+own attention weights, which question positions are grounded, and the ViT position code."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from shapes.train import (
     N_VISUAL,
     Encoder,
     TrainConfig,
+    add_position_code,
     grounding_loss,
     keep_indices,
     model_config,
+    sincos_2d,
 )
 from sparse_plugin.fixtures.llava import build_tokenizer_and_processor
 
@@ -113,3 +115,17 @@ def test_question_positions_are_grounded_from_the_token_completing_the_last_name
         enc.naming_token(enc.turn("Is it there?"), "Is it there?")
         == len(enc.turn("Is it there?")) - 1
     )
+
+
+def test_position_code_tells_columns_and_rows_apart_and_changes_only_patch_rows():
+    code = sincos_2d(24, 64).view(24, 24, 64)  # (row, column, channel)
+    column, row = code[..., :32], code[..., 32:]
+    assert torch.equal(column[0], column[17]) and torch.equal(row[:, 0], row[:, 9])
+    flat = code.reshape(576, 64)
+    assert torch.cdist(flat, flat).add(torch.eye(576) * 1e9).min() > 0.1  # every patch distinct
+    model = LlavaForConditionalGeneration(model_config(TrainConfig(), 472, 4))
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    before = table.detach().clone()
+    add_position_code(model, 10.0)
+    assert torch.equal(table[0], before[0])  # the CLS row is left alone
+    torch.testing.assert_close(table[1:] - before[1:], 10.0 * flat)
