@@ -82,9 +82,9 @@ def test_vllm_answers_equal_hf_and_match_the_training_report(bundled_server: Vll
 
 
 def test_pruned_answers_stay_close(bundled_server: VllmServer):
-    """SparseVLM at 192 of 576 tokens keeps the answers about one object's attributes (colour,
-    shape, presence) and still reads the image overall. Counting and position are not held to
-    that: this model loses them under attention-guided pruning (docs/bench/accuracy.md)."""
+    """SparseVLM at 192 of 576 tokens keeps the answers: over all question types (counting and
+    "where" included) within 0.1 of the unpruned accuracy, and the answers about one object's
+    attributes (colour, shape, presence) mostly unchanged."""
     samples = [sample("test", i) for i in range(N)]
     full = [ask(bundled_server, i) for i in range(N)]
     pruned = [ask(bundled_server, i, {"visual_tokens": 192}) for i in range(N)]
@@ -93,6 +93,8 @@ def test_pruned_answers_stay_close(bundled_server: VllmServer):
     def accuracy(answers: list[str], among: list[int]) -> float:
         return sum(answers[i] == samples[i].answer for i in among) / len(among)
 
+    everything = list(range(N))
+    assert accuracy(pruned, everything) >= accuracy(full, everything) - 0.1, (full, pruned)
     assert accuracy(pruned, attribute) >= accuracy(full, attribute) - 0.1, (full, pruned)
     assert sum(full[i] == pruned[i] for i in attribute) / len(attribute) >= 0.8  # mostly unchanged
-    assert accuracy(pruned, list(range(N))) >= majority_baseline("test", N) + 0.1
+    assert accuracy(pruned, everything) >= majority_baseline("test", N) + 0.3
