@@ -15,6 +15,7 @@ KNOB_KEY = "sparsevlm"
 
 Method = Literal["sparsevlm", "random", "uniform", "fastv", "off"]
 Version = Literal["v1.5", "v2"]
+Scope = Literal["turn", "prompt"]
 
 
 class SparsityKnob(BaseModel):
@@ -44,6 +45,14 @@ class SparsityKnob(BaseModel):
         ge=0,
         description="Decoder layer whose attention scores the visual tokens (0 = on the input "
         "embeddings; must be below the model's layer count).",
+    )
+    scope: Scope = Field(
+        "turn",
+        description="Which text rates an image. `turn`: the text before it and its own user "
+        "turn up to where the assistant's reply begins, so later turns of a conversation keep "
+        "the same selection and vLLM's prefix and encoder caches hit. `prompt`: all the text "
+        "after it, so every new question re-selects (the vision tower still runs once per "
+        "image).",
     )
 
     @model_validator(mode="after")
@@ -75,7 +84,15 @@ class SparsityKnob(BaseModel):
         return min(num_tokens, max(1, int(self.keep_ratio * num_tokens + 0.5)))
 
     def canonical(self) -> dict[str, Any]:
-        """Explicit, order-stable form: the same pruning always hashes the same."""
+        """Explicit, order-stable form of the whole knob (logs, and the engine's copy of it)."""
+        return {**self.selection_identity(), "scope": self.scope}
+
+    def selection_identity(self) -> dict[str, Any]:
+        """What decides an image's selection besides its text: equal ones select alike.
+
+        ``scope`` is not part of it: it only decides which text is handed to the selection,
+        and that text is hashed on its own.
+        """
         return {
             "method": self.method,
             "visual_tokens": self.visual_tokens,

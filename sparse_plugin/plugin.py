@@ -36,8 +36,11 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
+    from sparse_plugin import engine_metrics
+
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
+    engine_metrics.export()  # the first process creates the directory its children inherit
     _registered = True
     logger.info(
         "SparseVLM plugin loaded (pid %d): %s", os.getpid(), ", ".join(sorted(ARCHITECTURES))

@@ -120,6 +120,15 @@ def tp_world_size() -> int:
         return 1
 
 
+def tp_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except (ImportError, AssertionError):
+        return 0
+
+
 def tp_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum a per-rank partial statistic over the tensor-parallel group (no-op without TP)."""
     if tp_world_size() == 1:

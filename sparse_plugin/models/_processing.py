@@ -2,12 +2,15 @@
 
 The processor expands every image placeholder *before* the vision tower runs, so this is where the
 budget K becomes the prompt's real length. It also hands the model executor what SparseVLM needs to
-pick *which* K tokens: the request's own token ids around each image (the raters live after it).
+pick *which* K tokens: each image's context (the prompt ids before it and the ids after it that
+rate it, ``sparse_plugin/core/context.py``), and a content key for the vision-tower cache.
 
-Cache safety: when pruning is on, the knob, the whole prompt and the image's ordinal are folded
-into the multimodal identity (processor cache, encoder cache and prefix-cache blocks all key on
-it), so one question's selection is never served to another. Unpruned requests keep vLLM's
-hashes untouched.
+Cache identity: a pruned image's multimodal hash is vLLM's own hash of the image, folded with the
+selection knob and the image's context — exactly what its selection depends on, nothing more. So
+one question's selection is never served to another, while every later turn of a conversation
+(turn scope: the context ends where the assistant's reply begins) reproduces the same hash, and
+vLLM's processor, encoder and prefix caches all hit. Unpruned requests keep vLLM's hashes
+untouched.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from sparse_plugin.contract import KNOB_KEY, KnobError, SparsityKnob, parse_knob
+from sparse_plugin.core.context import image_contexts
+from sparse_plugin.models._turns import resolve_turn_end
 
 logger = logging.getLogger("vllm.plugins.sparsevlm")
 
@@ -42,9 +47,10 @@ PREFIX_FIELD = (
     "sparsevlm_prefix"  # LongTensor (P,): prompt ids before the image (other images dropped)
 )
 SUFFIX_FIELD = (
-    "sparsevlm_suffix"  # LongTensor (S,): prompt ids after the image (other images dropped)
+    "sparsevlm_suffix"  # LongTensor (S,): ids after the image that rate it (other images dropped)
 )
-FIELDS = (PARAMS_FIELD, PREFIX_FIELD, SUFFIX_FIELD)
+IMAGE_KEY_FIELD = "sparsevlm_image_key"  # uint8 (32,): the image's text-free content identity
+FIELDS = (PARAMS_FIELD, PREFIX_FIELD, SUFFIX_FIELD, IMAGE_KEY_FIELD)
 
 METHOD_IDS = {"sparsevlm": 0, "random": 1, "uniform": 2, "fastv": 3}
 VERSION_IDS = {"v1.5": 0, "v2": 1}
@@ -78,30 +84,6 @@ def load_default_knob() -> SparsityKnob | None:
         raise ValueError(f"{DEFAULT_KNOB_ENV} is not a valid sparsity knob: {exc}") from exc
 
 
-def split_around_images(prompt: Sequence[int], image_token_id: int) -> list[tuple[list, list]]:
-    """(prefix, suffix) ids for each image in ``prompt``; every image's own tokens are removed.
-
-    A run of consecutive image tokens counts as one image (prompts may arrive already expanded).
-    """
-    runs: list[tuple[int, int]] = []
-    i = 0
-    while i < len(prompt):
-        if prompt[i] == image_token_id:
-            j = i
-            while j < len(prompt) and prompt[j] == image_token_id:
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
-    text = [t for t in prompt if t != image_token_id]
-    out = []
-    for start, _ in runs:
-        n_before = sum(1 for t in prompt[:start] if t != image_token_id)
-        out.append((text[:n_before], text[n_before:]))
-    return out
-
-
 def without_knob(hf_kwargs: Mapping[str, object]) -> dict[str, object]:
     """The HF processor kwargs minus our knob (HF and vLLM's own code must never see it)."""
     return {k: v for k, v in hf_kwargs.items() if k != KNOB_KEY}
@@ -117,6 +99,11 @@ def item_budget(item: Any) -> int | None:
 
 def _fold(item_hash: str, salt: str) -> str:
     return hashlib.sha256(f"{item_hash}|{salt}".encode()).hexdigest()
+
+
+def content_key(item_hash: str) -> torch.Tensor:
+    """(32,) uint8 digest of vLLM's text-free hash of an image (keys the vision-tower cache)."""
+    return torch.tensor(list(hashlib.sha256(item_hash.encode()).digest()), dtype=torch.uint8)
 
 
 class SparseProcessorMixin:
@@ -179,12 +166,40 @@ class SparseProcessorMixin:
         hf_kwargs = without_knob(inputs.hf_processor_mm_kwargs)
         n_images = len(inputs.mm_data_items.get("image", []) or [])
         if knob is not None and n_images:
-            hf_kwargs[KNOB_KEY] = {"canonical": knob.canonical(), "prompt": list(inputs.prompt)}
+            hf_kwargs[KNOB_KEY] = self._pruning_plan(
+                knob, replace(inputs, hf_processor_mm_kwargs=hf_kwargs), n_images
+            )
         with self._processing_all(n_images):
             result = super().apply(replace(inputs, hf_processor_mm_kwargs=hf_kwargs), timing_ctx)
         if not _IN_DUMMY.get() and n_images:
             self._count(inputs.mm_data_items, result, hf_kwargs)
         return result
+
+    def _pruning_plan(self, knob: SparsityKnob, inputs: Any, n_images: int) -> dict[str, Any]:
+        """Everything the rest of this request's processing needs about its pruned images.
+
+        ``inputs`` carries no knob: its hashes are vLLM's own, the images' text-free identity.
+        """
+        turn_end = self._turn_end() if knob.scope == "turn" else None
+        contexts = image_contexts(inputs.prompt, self._image_token_id(), turn_end)
+        contexts += [([], [])] * (n_images - len(contexts))  # images the prompt does not show
+        stock = super()._get_mm_hashes(inputs)  # type: ignore[misc]
+        selection = json.dumps(knob.selection_identity(), sort_keys=True)
+        hashes = [
+            _fold(h, f"{selection}|{json.dumps(ctx, separators=(',', ':'))}")
+            for h, ctx in zip(stock["image"], contexts[:n_images], strict=True)
+        ]
+        return {
+            "canonical": knob.canonical(),
+            "contexts": contexts[:n_images],
+            "stock_hashes": stock,
+            "hashes": hashes,
+        }
+
+    def _turn_end(self) -> list[int] | None:
+        if not hasattr(self, "_turn_end_ids"):
+            self._turn_end_ids = resolve_turn_end(self.info)
+        return self._turn_end_ids
 
     def _get_prompt_updates(
         self,
@@ -218,15 +233,12 @@ class SparseProcessorMixin:
         return PromptReplacement(modality="image", target=update.target, replacement=replacement)
 
     def _get_mm_hashes(self, inputs: Any) -> Any:
-        hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
-        resolved = inputs.hf_processor_mm_kwargs.get(KNOB_KEY)
-        if not resolved or "image" not in hashes:
-            return hashes
-        # The prompt and knob are already hashed (they sit in mm kwargs); the ordinal tells two
-        # copies of one image apart: their text before/after differs, so their selection does too.
-        hashes = dict(hashes)
-        hashes["image"] = [_fold(h, f"ordinal={i}") for i, h in enumerate(hashes["image"])]
-        return hashes
+        plan = inputs.hf_processor_mm_kwargs.get(KNOB_KEY)
+        if not plan:
+            return super()._get_mm_hashes(inputs)  # type: ignore[misc]
+        # Worked out once per request in _pruning_plan: vLLM's own hashes for every modality
+        # (without our key), the pruned images' ones folded with their selection's inputs.
+        return {**plan["stock_hashes"], "image": plan["hashes"]}
 
     def _get_cache_missing_items(self, cache: Any, mm_data_items: Any, mm_hashes: Any) -> Any:
         mm_is_cached, missing = super()._get_cache_missing_items(  # type: ignore[misc]
@@ -249,18 +261,16 @@ class SparseProcessorMixin:
         processed = super()._postprocess_hf_mm_data(  # type: ignore[misc]
             mm_inputs, hf_processor_mm_kwargs, processed_data
         )
-        resolved = hf_processor_mm_kwargs.get(KNOB_KEY)
-        if not resolved:
+        plan = hf_processor_mm_kwargs.get(KNOB_KEY)
+        if not plan:
             return processed
-        assert isinstance(resolved, dict)
+        assert isinstance(plan, dict)
         knob = SparsityKnob.model_validate(
-            {k: v for k, v in resolved["canonical"].items() if v is not None}
+            {k: v for k, v in plan["canonical"].items() if v is not None}
         )
-        prompt = resolved["prompt"]
         ordinals = _ORDINALS.get() or []
-        around = split_around_images(prompt, self._image_token_id())
         items = self.info.parse_mm_data({"image": mm_inputs.get("images", [])}, validate=False)
-        params, prefixes, suffixes = [], [], []
+        params, prefixes, suffixes, keys = [], [], [], []
         hf_kwargs = without_knob(hf_processor_mm_kwargs)
         for local_idx, ordinal in enumerate(ordinals):
             n = self._num_image_tokens(items, local_idx, hf_kwargs)
@@ -276,12 +286,16 @@ class SparseProcessorMixin:
                     dtype=torch.long,
                 )
             )
-            prefix, suffix = around[ordinal] if ordinal < len(around) else ([], [])
+            prefix, suffix = plan["contexts"][ordinal]
             prefixes.append(torch.tensor(prefix, dtype=torch.long))
             suffixes.append(torch.tensor(suffix, dtype=torch.long))
+            keys.append(content_key(plan["stock_hashes"]["image"][ordinal]))
         processed[PARAMS_FIELD] = torch.stack(params) if params else torch.empty(0, 5)
         processed[PREFIX_FIELD] = prefixes
         processed[SUFFIX_FIELD] = suffixes
+        processed[IMAGE_KEY_FIELD] = (
+            torch.stack(keys) if keys else torch.empty(0, 32, dtype=torch.uint8)
+        )
         return processed
 
     def _get_mm_fields_config(

@@ -1,9 +1,10 @@
 """Model-executor side of the seam: fill each image's K placeholder slots with the chosen tokens.
 
-Runs inside ``embed_multimodal`` (the encoder step of prefill). For each pruned image it builds
-that image's own sequence (prompt prefix, image features, prompt suffix), lets SparseVLM's raters
-(text after the image) judge the visual tokens with the attention of the scoring layer, and returns
-exactly K rows: the kept tokens in original order followed by the recycled cluster means.
+Runs inside ``embed_multimodal`` (the encoder step of prefill). For each pruned image it takes the
+vision tower's features (from the content-keyed vision cache when the image is known), builds that
+image's own sequence (context before, image features, the rater text after), lets SparseVLM's
+raters judge the visual tokens with the attention of the scoring layer, and returns exactly K
+rows: the kept tokens in original order followed by the recycled cluster means.
 """
 
 from __future__ import annotations
@@ -15,20 +16,24 @@ from typing import Any
 import torch
 
 from sparse_plugin import core
+from sparse_plugin.engine_metrics import ProcessCounters
 from sparse_plugin.models._probe import (
     probe_layer,
     rope_gravity,
     tp_gather_heads,
+    tp_rank,
     tp_sum,
     tp_world_size,
 )
 from sparse_plugin.models._processing import (
+    IMAGE_KEY_FIELD,
     METHOD_IDS,
     PARAMS_FIELD,
     PREFIX_FIELD,
     SUFFIX_FIELD,
     VERSION_IDS,
 )
+from sparse_plugin.models._vision_cache import VisionCache, capacity_from_env
 
 _METHODS = {v: k for k, v in METHOD_IDS.items()}
 _VERSIONS = {v: k for k, v in VERSION_IDS.items()}
@@ -47,17 +52,26 @@ Grid = tuple[int, int, int]  # (t, h, w) of an image's visual tokens as the LM s
 
 class SparseEmbedMixin:
     """Mixin for a vLLM multimodal model class whose ``embed_multimodal`` returns per-image
-    (N, d) features in the LM's embedding space. Family hooks: ``_image_grids`` and
-    ``_probe_positions`` (M-RoPE models override both)."""
+    (N, d) features in the LM's embedding space. Family hooks: ``_image_grids``,
+    ``_probe_positions`` (M-RoPE models override both) and ``_item_subset``."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        self._vision_cache = VisionCache(capacity_from_env())
+        name = vllm_config.model_config.served_model_name
+        self._served_name = name[0] if isinstance(name, list) else str(name)
+        self._counters: ProcessCounters | None = None
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         params = kwargs.pop(PARAMS_FIELD, None)
         prefixes = kwargs.pop(PREFIX_FIELD, None)
         suffixes = kwargs.pop(SUFFIX_FIELD, None)
-        grids = self._image_grids(kwargs) if params is not None else []
-        features = super().embed_multimodal(**kwargs)  # type: ignore[misc]
+        keys = kwargs.pop(IMAGE_KEY_FIELD, None)
         if params is None:
-            return features
+            return super().embed_multimodal(**kwargs)  # type: ignore[misc]
+        grids = self._image_grids(kwargs)
+        names = [bytes(_item(keys, i).tolist()).hex() for i in range(len(params))]
+        features, hits = self._vision_features(kwargs, names)
         return [
             self._prune_image(
                 feats,
@@ -65,9 +79,43 @@ class SparseEmbedMixin:
                 _item(prefixes, i),
                 _item(suffixes, i),
                 grids[i] if i < len(grids) else None,
+                image=names[i],
+                vision="hit" if hits[i] else "miss",
             )
             for i, feats in enumerate(features)
         ]
+
+    # -- vision tower, through the content-keyed cache --------------------------------------
+    def _vision_features(
+        self, kwargs: dict[str, object], names: list[str]
+    ) -> tuple[list[torch.Tensor], list[bool]]:
+        """Per image: its projected features, and whether they came from the vision cache.
+
+        The tower runs once per distinct image that is not cached, in one batch.
+        """
+        found = {n: f for n in set(names) if (f := self._vision_cache.get(n)) is not None}
+        cached = [n in found for n in names]
+        todo = list(dict.fromkeys(n for n in names if n not in found))  # distinct, in order
+        if todo:
+            first = [names.index(n) for n in todo]
+            batch = kwargs if len(first) == len(names) else self._item_subset(kwargs, first)
+            outputs = super().embed_multimodal(**batch)  # type: ignore[misc]
+            for name, feats in zip(todo, outputs, strict=True):
+                found[name] = feats
+                self._vision_cache.put(name, feats)
+        self._count("sparsevlm_engine_vision_cache_hits", len(names) - len(todo))
+        self._count("sparsevlm_engine_vision_cache_misses", len(todo))
+        device = next(iter(found.values())).device if todo else self._feature_device()
+        return [found[n].to(device) for n in names], cached
+
+    def _feature_device(self) -> torch.device:
+        return next(self.get_language_model().parameters()).device  # type: ignore[attr-defined]
+
+    def _count(self, name: str, amount: int) -> None:
+        if amount and tp_rank() == 0:  # every rank encodes alike; count the images once
+            if self._counters is None:
+                self._counters = ProcessCounters()
+            self._counters.inc(name, self._served_name, amount)
 
     # -- family hooks ------------------------------------------------------------------------
     def _image_grids(self, kwargs: dict[str, object]) -> list[Grid | None]:
@@ -86,6 +134,22 @@ class SparseEmbedMixin:
         """Positions of the probe sequence (prefix | image | suffix), as the LM would see it."""
         return torch.arange(prefix + num_visual + suffix, device=device)
 
+    def _item_subset(self, kwargs: dict[str, object], idxs: list[int]) -> dict[str, object]:
+        """The vision-tower inputs of images ``idxs`` only, from a batch of them.
+
+        Default: every input is batched along its first dimension (a tensor or a list with one
+        entry per image), as for LLaVA-1.5 and LLaVA-NeXT; flat inputs need a family override.
+        """
+        out: dict[str, object] = {}
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                out[name] = value[idxs]
+            elif isinstance(value, list | tuple):
+                out[name] = [value[i] for i in idxs]
+            else:
+                out[name] = value
+        return out
+
     # -- selection ---------------------------------------------------------------------------
     def _prune_image(
         self,
@@ -94,6 +158,7 @@ class SparseEmbedMixin:
         prefix: torch.Tensor,
         suffix: torch.Tensor,
         grid: Grid | None = None,
+        **trace: str,
     ) -> torch.Tensor:
         method_id, budget, recycle, version_id, score_layer = (int(x) for x in params.tolist())
         method = _METHODS[method_id]
@@ -113,7 +178,15 @@ class SparseEmbedMixin:
             selection = core.select_visual_tokens(feats, scores, budget, recycle=bool(recycle))
             kept, recycled = selection.kept, selection.recycled
         kept = kept.to(feats.device)
-        _trace(method=method, num_visual=n, budget=budget, kept=kept, recycled=len(recycled))
+        _trace(
+            method=method,
+            num_visual=n,
+            budget=budget,
+            kept=kept,
+            recycled=len(recycled),
+            context=[len(prefix), len(suffix)],
+            **trace,
+        )
         return torch.cat([feats[kept], recycled], dim=0)
 
     def _attention_scores(
@@ -183,8 +256,6 @@ def _local_heads(global_ids: torch.Tensor, heads_local: int) -> torch.Tensor:
     """This rank's share of globally chosen head ids, as local indices."""
     if tp_world_size() == 1:
         return global_ids
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    start = get_tensor_model_parallel_rank() * heads_local
+    start = tp_rank() * heads_local
     mine = global_ids[(global_ids >= start) & (global_ids < start + heads_local)]
     return mine - start

@@ -129,6 +129,22 @@ class SparseQwen2_5_VLForConditionalGeneration(
             out.append((t, h // merge, w // merge))
         return out
 
+    def _item_subset(self, kwargs: dict[str, object], idxs: list[int]) -> dict[str, object]:
+        """Images ``idxs`` of a batch: ``pixel_values`` / ``image_embeds`` are flat (every
+        image's patch rows concatenated, t·h·w each, merge² fewer for embeddings)."""
+        grid_thw = kwargs["image_grid_thw"]
+        assert isinstance(grid_thw, torch.Tensor)
+        patches = grid_thw.prod(-1)
+        out: dict[str, object] = {**kwargs, "image_grid_thw": grid_thw[idxs]}
+        merge = self.config.vision_config.spatial_merge_size
+        for name, per_image in (("pixel_values", patches), ("image_embeds", patches // merge**2)):
+            flat = kwargs.get(name)
+            if isinstance(flat, torch.Tensor):
+                rows = per_image.tolist()
+                starts = [sum(rows[:i]) for i in range(len(rows))]
+                out[name] = torch.cat([flat[starts[i] : starts[i] + rows[i]] for i in idxs])
+        return out
+
     def _probe_positions(
         self, prefix: int, num_visual: int, suffix: int, grid: Grid | None, device: torch.device
     ) -> torch.Tensor:
