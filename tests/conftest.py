@@ -28,35 +28,46 @@ def serve_model(model: Path, **kw: object) -> Iterator[VllmServer]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def llava_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
-    """vLLM + the SparseVLM plugin on the tiny LLaVA-1.5 fixture (prefix caching on, default)."""
-    yield from serve_model(fixture_models["llava-1.5"])
-
-
-@pytest.fixture(scope="session")
-def llava_stock_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
-    """Stock vLLM (plugins disabled) on the same fixture: the reference for 'off == stock'."""
-    yield from serve_model(fixture_models["llava-1.5"], plugins=False)
+# The session engines use 32-token KV blocks (the smallest the CPU attention takes; GPUs default
+# to 16), so the prefix cache shows reuse on short pruned prompts; CPU's default 128 would not.
+BLOCK_SIZE = 32
 
 
 def serve_traced(model: Path, trace: Path, **kw: object) -> Iterator[VllmServer]:
     """A plugin engine that appends every selection to ``trace`` (SPARSEVLM_TRACE)."""
-    for server in serve_model(model, env={"SPARSEVLM_TRACE": str(trace)}, **kw):
+    env = {"SPARSEVLM_TRACE": str(trace), **kw.pop("env", {})}  # type: ignore[dict-item]
+    for server in serve_model(model, env=env, **kw):
         server.trace_path = trace  # type: ignore[attr-defined]
         yield server
 
 
 @pytest.fixture(scope="session")
+def llava_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
+    """vLLM + the SparseVLM plugin on the tiny LLaVA-1.5 fixture (prefix caching on, default)."""
+    trace = tmp_path_factory.mktemp("trace-llava") / "selection.jsonl"
+    yield from serve_traced(fixture_models["llava-1.5"], trace, block_size=BLOCK_SIZE)
+
+
+@pytest.fixture(scope="session")
+def llava_stock_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
+    """Stock vLLM (plugins disabled) on the same fixture: the reference for 'off == stock'."""
+    yield from serve_model(fixture_models["llava-1.5"], plugins=False, block_size=BLOCK_SIZE)
+
+
+@pytest.fixture(scope="session")
 def llava_next_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
     trace = tmp_path_factory.mktemp("trace-next") / "selection.jsonl"
-    yield from serve_traced(fixture_models["llava-next"], trace, max_model_len=8192)
+    yield from serve_traced(
+        fixture_models["llava-next"], trace, max_model_len=8192, block_size=BLOCK_SIZE
+    )
 
 
 @pytest.fixture(scope="session")
 def qwen_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
     trace = tmp_path_factory.mktemp("trace-qwen") / "selection.jsonl"
-    yield from serve_traced(fixture_models["qwen2.5-vl"], trace, max_model_len=8192)
+    yield from serve_traced(
+        fixture_models["qwen2.5-vl"], trace, max_model_len=8192, block_size=BLOCK_SIZE
+    )
 
 
 def image_data_url(img: object, fmt: str = "PNG") -> str:

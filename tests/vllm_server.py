@@ -44,6 +44,7 @@ class VllmServer:
         max_model_len: int = 4096,
         images_per_prompt: int = 4,
         dtype: str = "float32",  # deterministic numerics for exact A/B comparisons
+        block_size: int | None = None,  # KV block tokens (CPU: multiples of 32, default 128)
     ) -> None:
         self.model = str(model)
         self.port = free_port()
@@ -58,6 +59,7 @@ class VllmServer:
             "--enforce-eager", "--max-model-len", str(max_model_len),
             "--limit-mm-per-prompt", f'{{"image": {images_per_prompt}}}',
             "--max-num-seqs", "32", "--seed", "0", "--dtype", dtype,
+            *(["--block-size", str(block_size)] if block_size else []),
             *(extra_args or []),
         ]  # fmt: skip
         self.env = {

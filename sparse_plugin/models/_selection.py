@@ -62,6 +62,10 @@ class SparseEmbedMixin:
         self._served_name = name[0] if isinstance(name, list) else str(name)
         self._counters: ProcessCounters | None = None
 
+    def load_weights(self, weights: Any) -> Any:
+        self._vision_cache.clear()  # features of the old weights must not outlive a reload
+        return super().load_weights(weights)  # type: ignore[misc]
+
     def embed_multimodal(self, **kwargs: object) -> Any:
         params = kwargs.pop(PARAMS_FIELD, None)
         prefixes = kwargs.pop(PREFIX_FIELD, None)

@@ -23,7 +23,8 @@ def turn_end_ids(tokenizer: Any, chat_template: str | None) -> list[int] | None:
     """Ids between a user's text and the assistant's reply under ``chat_template``, or None."""
     if not chat_template:
         return None
-    for content in ([{"type": "text", "text": SENTINEL}], SENTINEL):
+    # Plain-string content first: a template that takes only strings prints a list as its repr.
+    for content in (SENTINEL, [{"type": "text", "text": SENTINEL}]):
         try:
             rendered = tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}],
@@ -33,7 +34,7 @@ def turn_end_ids(tokenizer: Any, chat_template: str | None) -> list[int] | None:
             )
         except Exception:  # templates raise on content shapes they do not take; try the next
             continue
-        if not isinstance(rendered, str) or rendered.count(SENTINEL) != 1:
+        if not isinstance(rendered, str) or rendered.count(SENTINEL) != 1 or "'type'" in rendered:
             continue
         end = rendered.index(SENTINEL) + len(SENTINEL)
         if not rendered[end:].strip():

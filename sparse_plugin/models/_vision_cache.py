@@ -40,6 +40,10 @@ class VisionCache:
         self.used = 0
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self.used = 0
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import image_data_url, serve_model
+from tests.conftest import BLOCK_SIZE, image_data_url, serve_model
 from tests.vllm_server import VllmServer
 
 
@@ -70,7 +70,9 @@ class Chat:
         self.model = Path(server.model).name
 
     def __call__(self, images, question, knob=None, max_tokens=6) -> Answer:
-        body = chat_body(self.model, images, question, knob, max_tokens)
+        return self.post(chat_body(self.model, images, question, knob, max_tokens))
+
+    def post(self, body: dict[str, Any]) -> Answer:
         r = httpx.post(f"{self.server.url}/v1/chat/completions", json=body, timeout=300)
         return Answer(r.status_code, r.json())
 
@@ -141,5 +143,7 @@ def guided_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator
 @pytest.fixture(scope="module")
 def fresh_chat(fixture_models: dict[str, Path]) -> Iterator[Chat]:
     """A second plugin engine that has seen nothing: the reference for cache-isolation tests."""
-    for server in serve_model(fixture_models["llava-1.5"], name="llava-1.5-fresh"):
+    for server in serve_model(
+        fixture_models["llava-1.5"], name="llava-1.5-fresh", block_size=BLOCK_SIZE
+    ):
         yield Chat(server)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import serve_model
+from tests.conftest import BLOCK_SIZE, serve_model
 from tests.plugin.conftest import Chat, shapes_image
 from tests.smoke.test_families import FORMULAS
 from tests.vllm_server import VllmServer
@@ -53,7 +53,10 @@ def chat(family: str, request) -> Chat:
 @pytest.fixture(scope="module")
 def stock_servers(fixture_models: dict[str, Path]) -> Iterator[dict[str, VllmServer]]:
     """Stock vLLM (plugins off) per family, for this module only (memory: engines add up)."""
-    gens = {f: serve_model(fixture_models[f], plugins=False, max_model_len=8192) for f in FAMILIES}
+    gens = {
+        f: serve_model(fixture_models[f], plugins=False, max_model_len=8192, block_size=BLOCK_SIZE)
+        for f in FAMILIES
+    }
     servers = {f: next(g) for f, g in gens.items()}
     yield servers
     for g in gens.values():
@@ -160,6 +163,7 @@ def test_mixed_batch_equals_solo(chat: Chat):
         ({"visual_tokens": 0}, "sparsevlm.visual_tokens", "greater than or equal to 1"),
         ({"visual_tokens": 8, "keep_ratio": 0.5}, "sparsevlm", "not both"),
         ({"visual_tokens": 8, "score_layer": 4}, "sparsevlm.score_layer", "4 decoder layers"),
+        ({"visual_tokens": 8, "scope": "chat"}, "sparsevlm.scope", "'turn' or 'prompt'"),
     ],
 )
 def test_bad_knob_is_400_naming_the_field(chat: Chat, knob, field, words):

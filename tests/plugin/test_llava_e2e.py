@@ -152,6 +152,7 @@ def test_mixed_batch_equals_solo(chat: Chat, images):
         ({"visual_tokens": 8, "keep_ratio": 0.5}, "sparsevlm", "not both"),
         ({"visual_tokens": 8, "method": "magic"}, "sparsevlm.method", "'sparsevlm'"),
         ({"visual_tokens": 8, "version": "v3"}, "sparsevlm.version", "'v1.5'"),
+        ({"visual_tokens": 8, "scope": "chat"}, "sparsevlm.scope", "'turn' or 'prompt'"),
         ({"visual_tokens": 8, "score_layer": -1}, "sparsevlm.score_layer", "greater than"),
         ({"visual_tokens": 8, "score_layer": 32}, "sparsevlm.score_layer", "32 decoder layers"),
         ({"method": "sparsevlm"}, "sparsevlm", "needs a budget"),
