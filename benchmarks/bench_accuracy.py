@@ -30,6 +30,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _stack import start_stack  # noqa: E402
+
 from shapes.task import QUESTION_TYPES, Sample, chat_inputs, first_word, sample  # noqa: E402
 
 BUDGETS = (576, 192, 128, 96, 64, 32)
@@ -130,21 +132,6 @@ def run_reference(model_dir: Path, samples: list[Sample]) -> tuple[dict, tuple[i
     return results, ref.prune_layers
 
 
-def start_stack(model_dir: Path):
-    """vLLM (plugin loaded) on loopback + the gateway in-process; returns (url, key, stop)."""
-    from tests.gateway_fixtures import gateway_settings, start_gateway
-    from tests.vllm_server import VllmServer
-
-    engine = VllmServer(model_dir, name="bench-accuracy", images_per_prompt=1).start()
-    gw = start_gateway(gateway_settings(engine.url, model_dir, max_concurrency=64))
-
-    def stop() -> None:
-        gw.stop()
-        engine.stop()
-
-    return gw.url, gw.api_key, stop
-
-
 def write_report(results: dict, meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
@@ -238,7 +225,10 @@ def main() -> None:
 
     t0 = time.monotonic()
     samples = [sample("test", i) for i in range(args.questions)]
-    url, key, stop = (args.url, args.api_key, lambda: None) if args.url else start_stack(args.model)
+    if args.url:
+        url, key, stop = args.url, args.api_key, lambda: None
+    else:
+        url, key, _, stop = start_stack(args.model, "bench-accuracy")
     model = args.model.name
     server: dict = {}
     try:

@@ -65,6 +65,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsevlm serve", description=__doc__)
     p.add_argument("--model", help="checkpoint dir or hub id (default: the bundled model)")
@@ -81,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--default-sparsity",
         help="JSON knob for requests without one, e.g. '{\"visual_tokens\": 64}'",
     )
+    p.add_argument(
+        "--vision-cache-mb",
+        type=non_negative,
+        help="host memory for the engine's cache of vision-tower outputs of pruned images "
+        "(MiB, default 512; 0 disables it)",
+    )
     p.add_argument("--engine-startup-timeout", type=float, default=600)
     p.add_argument("engine_args", nargs="*", help="extra vLLM flags, after `--`")
     return p
@@ -95,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ}
     if args.cpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.vision_cache_mb is not None:
+        env["SPARSEVLM_VISION_CACHE_MB"] = str(args.vision_cache_mb)
     engine = subprocess.Popen(engine_command(model, engine_port, name, args), env=env)
 
     def stop(*_: object) -> None:

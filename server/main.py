@@ -139,7 +139,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             payload["stream_options"] = {**(body.stream_options or {}), "include_usage": True}
         return payload
 
-    def account(model: str, sizes: list[Size | None], usage: dict[str, Any]) -> dict[str, Any]:
+    def account(
+        model: str, sizes: list[Size | None], usage: dict[str, Any], knob: SparsityKnob | None
+    ) -> dict[str, Any]:
+        pruned = "true" if sizes and knob is not None and knob.enabled else "false"
+        details = usage.get("prompt_tokens_details") or {}
+        metrics.prompt_tokens.labels(model=model, pruned=pruned).inc(usage["prompt_tokens"])
+        cached = int(details.get("cached_tokens") or 0)
+        metrics.prompt_tokens_cached.labels(model=model, pruned=pruned).inc(cached)
         visual = visual_usage(geometry, sizes, usage)
         if visual is not None:
             usage = {**usage, "visual_tokens": visual}
@@ -181,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
                 metrics.ttft.labels(model=model).observe(time.perf_counter() - started)
                 if status == 200 and data.get("usage"):
-                    data["usage"] = account(model, sizes, data["usage"])
+                    data["usage"] = account(model, sizes, data["usage"], knob)
                 _log(request, model, status, started, knob)
                 return JSONResponse(data, status_code=status)
             resp = await send(
@@ -209,7 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 async for event in relay_sse(
                     resp,
                     keep_usage_chunk=include_usage,
-                    on_usage=lambda usage: account(model, sizes, usage),
+                    on_usage=lambda usage: account(model, sizes, usage, knob),
                     on_first_token=lambda: metrics.ttft.labels(model=model).observe(
                         time.perf_counter() - started
                     ),

@@ -51,6 +51,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prompt_tokens = Counter(
+            "sparsevlm_prompt_tokens",
+            "Prompt tokens of answered chat requests; pruned = the request's images were pruned.",
+            ["model", "pruned"],
+            registry=r,
+        )
+        self.prompt_tokens_cached = Counter(
+            "sparsevlm_prompt_tokens_cached",
+            "Prompt tokens vLLM served from its prefix cache (usage.prompt_tokens_details).",
+            ["model", "pruned"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "sparsevlm_requests_in_flight", "Chat requests being served.", registry=r
         )

@@ -67,6 +67,7 @@ def prometheus(gateway, llava_server, tmp_path_factory):
 
 
 def _traffic(gateway, rounds: int = 4) -> None:
+    """Single questions under several knobs, and a two-turn conversation each round."""
     knobs = [
         {"visual_tokens": 64},
         {"keep_ratio": 0.5},
@@ -77,25 +78,29 @@ def _traffic(gateway, rounds: int = 4) -> None:
     img = image_data_url(shapes_image(7))
     for r in range(rounds):
         for i, knob in enumerate(knobs):
-            body = {
-                "model": "llava-1.5",
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": img}},
-                            {"type": "text", "text": f"What color is shape {r}{i}?"},
-                        ],
-                    }
+            first = {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": img}},
+                    {"type": "text", "text": f"What color is shape {r}{i}?"},
                 ],
-                "max_tokens": 3,
-                "stream": i % 2 == 0,
-                **({"sparsity": knob} if knob else {}),
             }
-            with httpx.stream(
-                "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=h, timeout=120
-            ) as resp:
-                resp.read()
+            turns = [[first]]
+            if i == 0:  # and a follow-up turn: the prefix cache serves the first one
+                turns.append([first, {"role": "assistant", "content": "red"}])
+                turns[1].append({"role": "user", "content": "And its shape?"})
+            for messages in turns:
+                body = {
+                    "model": "llava-1.5",
+                    "messages": messages,
+                    "max_tokens": 3,
+                    "stream": i % 2 == 0,
+                    **({"sparsity": knob} if knob else {}),
+                }
+                with httpx.stream(
+                    "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=h, timeout=120
+                ) as resp:
+                    resp.read()
         time.sleep(1.5)
 
 

@@ -109,6 +109,9 @@ def test_dashboard_structure():
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
         "sparsevlm_prefill_flops_saved_total",
+        "sparsevlm_engine_vision_cache_hits_total",
+        "sparsevlm_engine_vision_cache_misses_total",
+        "sparsevlm_prompt_tokens_cached_total",
     ):
         assert needed in exprs, needed
 

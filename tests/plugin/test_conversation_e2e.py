@@ -110,8 +110,10 @@ class FreshEngine(Chat):
         return super().post(body)
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request) -> str:
+    """Module-scoped, so pytest runs one family's tests together (one reference engine at a
+    time: engines take ~3-4 GB each)."""
     return request.param
 
 
@@ -121,31 +123,14 @@ def chat(family: str, request) -> Chat:
 
 
 @pytest.fixture(scope="module")
-def fresh_servers(fixture_models, tmp_path_factory) -> Iterator[dict[str, VllmServer]]:
-    """One from-scratch reference engine per family, started when first needed."""
-    started: dict[str, VllmServer] = {}
-    gens: list[Iterator[VllmServer]] = []
-
-    class Lazy(dict):
-        def __missing__(self, family: str) -> VllmServer:
-            trace = tmp_path_factory.mktemp(f"fresh-{family}") / "selection.jsonl"
-            env = {"VLLM_SERVER_DEV_MODE": "1", "SPARSEVLM_VISION_CACHE_MB": "0"}
-            gen = serve_traced(
-                fixture_models[family], trace, env=env, max_model_len=MAX_MODEL_LEN[family],
-                name=f"{family}-fresh", block_size=BLOCK_SIZE,
-            )  # fmt: skip
-            gens.append(gen)
-            self[family] = started[family] = next(gen)
-            return started[family]
-
-    yield Lazy()
-    for gen in gens:
-        gen.close()
-
-
-@pytest.fixture
-def fresh(family: str, fresh_servers) -> FreshEngine:
-    return FreshEngine(fresh_servers[family])
+def fresh(family: str, fixture_models, tmp_path_factory) -> Iterator[FreshEngine]:
+    trace = tmp_path_factory.mktemp(f"fresh-{family}") / "selection.jsonl"
+    env = {"VLLM_SERVER_DEV_MODE": "1", "SPARSEVLM_VISION_CACHE_MB": "0"}
+    for server in serve_traced(
+        fixture_models[family], trace, env=env, max_model_len=MAX_MODEL_LEN[family],
+        name=f"{family}-fresh", block_size=BLOCK_SIZE,
+    ):  # fmt: skip
+        yield FreshEngine(server)
 
 
 def assert_same_answer(a: Answer, b: Answer) -> None:

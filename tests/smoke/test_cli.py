@@ -35,3 +35,11 @@ def test_unknown_family_is_a_clear_error(tmp_path: Path):
 def test_serve_help_lists_the_model_and_gpu_flags():
     out = subprocess.run([*CLI, "serve", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--model" in out.stdout and "--gpu" in out.stdout
+
+
+def test_serve_rejects_a_bad_vision_cache_size_before_starting_anything():
+    out = subprocess.run(
+        [*CLI, "serve", "--vision-cache-mb", "lots"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "--vision-cache-mb" in out.stderr and "lots" in out.stderr
+    assert "Traceback" not in out.stderr
