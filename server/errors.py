@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from server.schemas import ErrorBody, ErrorResponse
 
@@ -12,6 +13,8 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
     429: "rate_limit_error",
     502: "upstream_error",
@@ -20,7 +23,10 @@ _TYPES = {
 }
 
 
-class GatewayError(Exception):
+class GatewayError(HTTPException):
+    """An error answer. An HTTPException, so FastAPI passes it through unchanged even when it is
+    raised while the body is read (by the body limit), instead of turning it into a 400."""
+
     def __init__(
         self,
         status: int,
@@ -28,8 +34,8 @@ class GatewayError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
+        super().__init__(status, message, headers)
+        self.status, self.message, self.param = status, message, param
 
 
 def error_response(
@@ -50,6 +56,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:  # 404, 405 from routing
+        return error_response(exc.status_code, str(exc.detail), None, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

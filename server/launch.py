@@ -8,6 +8,7 @@ in this process. Ctrl-C / SIGTERM stop both.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from server.config import Settings, SettingsError, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = REPO_ROOT / "models" / "shapes-llava"
@@ -45,18 +48,24 @@ def engine_command(model: str, port: int, name: str, args: argparse.Namespace) -
     return cmd + list(args.engine_args)
 
 
+class EngineFailed(RuntimeError):
+    """The engine exited or never became healthy."""
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the vLLM engine exited with code {proc.returncode}")
+            raise EngineFailed(
+                f"the vLLM engine exited with code {proc.returncode} during start-up"
+            )
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise SystemExit(f"the vLLM engine was not healthy after {timeout:.0f}s")
+    raise EngineFailed(f"the vLLM engine was not healthy after {timeout:.0f}s")
 
 
 def free_port() -> int:
@@ -92,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON knob for requests without one, e.g. '{\"visual_tokens\": 64}'",
     )
     p.add_argument(
+        "--api-key",
+        action="append",
+        help="accepted bearer key (repeatable; also SPARSEVLM_GATEWAY_API_KEYS)",
+    )
+    p.add_argument("--api-keys-file", help="file with one accepted key per line")
+    p.add_argument(
+        "--max-visual-tokens",
+        type=int,
+        help="cap on every image's visual tokens, whatever the request asks",
+    )
+    p.add_argument(
         "--vision-cache-mb",
         type=non_negative,
         help="host memory for the engine's cache of vision-tower outputs of pruned images "
@@ -102,12 +122,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def gateway_settings(args: argparse.Namespace, model: str, engine_url: str) -> Settings:
+    """The gateway's settings: environment (SPARSEVLM_GATEWAY_*), then the flags on top."""
+    overrides: dict[str, object] = {
+        "upstream_url": engine_url,
+        "model_dir": Path(model) if Path(model).is_dir() else None,
+    }
+    if args.api_key:
+        overrides["api_keys"] = args.api_key
+    if args.api_keys_file:
+        overrides["api_keys_file"] = args.api_keys_file
+    if args.default_sparsity:
+        try:
+            overrides["default_sparsity"] = json.loads(args.default_sparsity)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"--default-sparsity: not valid JSON ({exc.msg})") from None
+    if args.max_visual_tokens is not None:
+        overrides["max_visual_tokens"] = args.max_visual_tokens
+    return load_settings(**overrides)
+
+
+async def serve_supervised(app: object, host: str, port: int, engine: subprocess.Popen) -> int:
+    """Serve the gateway until it stops, or until the engine exits (then exit code 1)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    serving = asyncio.create_task(server.serve())
+    while not serving.done():
+        if engine.poll() is not None:
+            print(  # noqa: T201
+                f"sparsevlm: the vLLM engine exited with code {engine.returncode}; stopping the "
+                "gateway (a supervisor should restart the service)",
+                file=sys.stderr,
+                flush=True,
+            )
+            server.should_exit = True
+            await serving
+            return 1
+        await asyncio.sleep(0.5)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model = args.model or str(default_model())
     name = args.served_model_name or Path(model).name
     engine_port = args.engine_port or free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
+    try:  # every setting is checked before the engine's minute-long start
+        settings = gateway_settings(args, model, engine_url)
+    except SettingsError as exc:
+        print(f"sparsevlm serve: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     env = {**os.environ}
     if args.cpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -119,28 +185,24 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    code = 0
     try:
         print(f"sparsevlm: starting the vLLM engine for {model} ...", flush=True)  # noqa: T201
         wait_healthy(engine_url, engine, args.engine_startup_timeout)
-        import uvicorn
-
-        from server.config import Settings
         from server.main import create_app
 
-        settings = Settings(
-            upstream_url=engine_url,
-            model_dir=Path(model) if Path(model).is_dir() else None,
-            default_sparsity=json.loads(args.default_sparsity) if args.default_sparsity else None,
-        )
         base = f"http://{args.host}:{args.port}"
         print(  # noqa: T201
             f"sparsevlm: serving {name} at {base}/v1 (health {base}/health, metrics "
             f"{base}/metrics)\n  try: curl {base}/v1/models",
             flush=True,
         )
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        code = asyncio.run(serve_supervised(create_app(settings), args.host, args.port, engine))
     except KeyboardInterrupt:
         pass
+    except EngineFailed as exc:
+        print(f"sparsevlm: {exc}", file=sys.stderr)  # noqa: T201
+        code = 1
     finally:
         if engine.poll() is None:
             engine.send_signal(signal.SIGINT)
@@ -148,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 engine.kill()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -1,85 +1,101 @@
 """The gateway: OpenAI chat completions with per-request visual-token sparsity, in front of vLLM.
 
-``create_app(settings)`` builds the app; ``uvicorn server.main:app`` serves one with settings
-from the environment.
+``create_app(settings)`` is the one assembly point: shared state, middleware, error handlers and
+the routers (``server/routes/``). ``python -m server`` (or ``uvicorn server.main:app_from_env
+--factory``) serves one with settings from the environment.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
+import asyncio
+import ipaddress
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.accounting import ModelGeometry, Size, visual_usage
-from server.config import Settings
-from server.deps import Authorized, require_metrics_key
+from server.accounting import ModelGeometry
+from server.config import Settings, load_settings
 from server.errors import GatewayError, error_response, install_error_handlers
-from server.images import validate_images
 from server.metrics import Metrics
-from server.proxy import relay_sse, request_json, send
-from server.schemas import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, Health
-from sparse_plugin.contract import KNOB_KEY, SparsityKnob
-
-logger = logging.getLogger("sparsevlm.gateway")
-
-CHAT = "/v1/chat/completions"
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 503, 504)
-}
+from server.remote import RemoteImages
+from server.routes import chat, service
+from server.state import Gateway
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for bodies over the limit, by Content-Length or by bytes received."""
+    """ASGI middleware for request bodies: 413 over the byte limit (by Content-Length or by bytes
+    received), 408 when the whole body has not arrived within the deadline (a client trickling
+    it cannot hold a connection and a task for ever). Later receives (the disconnect listener of
+    a streaming response) pass through untouched."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(413, self._too_large())(scope, receive, send)
             return
-        seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        seen, done = 0, False
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                raise GatewayError(
+                    408, f"the request body did not arrive within {self.timeout_s:g} s"
+                ) from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise GatewayError(413, self._message())
+                raise GatewayError(413, self._too_large())
+            done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)
 
-    def _message(self) -> str:
+    def _too_large(self) -> str:
         return f"request body larger than the limit of {self.max_bytes} bytes"
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(413, self._message())(scope, receive, send)
+
+def remote_images(settings: Settings) -> RemoteImages:
+    return RemoteImages(
+        settings.remote_image_hosts,
+        allow_http=settings.remote_image_allow_http,
+        allowed_networks=[
+            ipaddress.ip_network(n, strict=False) for n in settings.remote_image_allowed_networks
+        ],
+        max_bytes=settings.remote_image_max_bytes,
+        connect_timeout_s=settings.remote_image_connect_timeout_s,
+        timeout_s=settings.remote_image_timeout_s,
+        max_redirects=settings.remote_image_max_redirects,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-    metrics = Metrics()
-    geometry = ModelGeometry.from_dir(settings.model_dir) if settings.model_dir else None
-    in_flight = 0
+    settings = settings or load_settings()
+    gateway = Gateway(
+        settings=settings,
+        metrics=Metrics(),
+        geometry=ModelGeometry.from_dir(settings.model_dir) if settings.model_dir else None,
+        remote=remote_images(settings),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.client = httpx.AsyncClient(
+        gateway.client = httpx.AsyncClient(
             base_url=settings.upstream_url,
             timeout=httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s),
             limits=httpx.Limits(
@@ -93,18 +109,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.client.aclose()
+            await gateway.client.aclose()
+            await gateway.remote.aclose()
 
     app = FastAPI(
         title="SparseVLM gateway",
-        version="0.1.0",
+        version="0.2.0",
         description="OpenAI-compatible chat completions for vision-language models, with "
         "per-request SparseVLM visual-token pruning (`sparsity`).",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.state.gateway = gateway
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     install_error_handlers(app)
-    app.state.settings, app.state.metrics = settings, metrics
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Any) -> Response:
@@ -117,165 +136,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers["X-Request-ID"] = rid
         return response
 
-    def resolve_knob(body: ChatCompletionRequest) -> SparsityKnob | None:
-        if body.model_extra and "mm_processor_kwargs" in body.model_extra:
-            raise GatewayError(
-                400,
-                "mm_processor_kwargs is not accepted here; use the `sparsity` object",
-                "mm_processor_kwargs",
-            )
-        knob = body.sparsity if body.sparsity is not None else settings.default_sparsity
-        cap = settings.max_visual_tokens
-        if knob is not None and knob.enabled and cap is not None:
-            if knob.visual_tokens is not None and knob.visual_tokens > cap:
-                knob = knob.model_copy(update={"visual_tokens": cap})
-        return knob
-
-    def upstream_body(body: ChatCompletionRequest, knob: SparsityKnob | None) -> dict[str, Any]:
-        payload = body.model_dump(exclude={"sparsity"}, exclude_none=True)
-        if knob is not None:
-            payload["mm_processor_kwargs"] = {KNOB_KEY: knob.model_dump(exclude_none=True)}
-        if body.stream:
-            payload["stream_options"] = {**(body.stream_options or {}), "include_usage": True}
-        return payload
-
-    def account(
-        model: str, sizes: list[Size | None], usage: dict[str, Any], knob: SparsityKnob | None
-    ) -> dict[str, Any]:
-        pruned = "true" if sizes and knob is not None and knob.enabled else "false"
-        details = usage.get("prompt_tokens_details") or {}
-        metrics.prompt_tokens.labels(model=model, pruned=pruned).inc(usage["prompt_tokens"])
-        cached = int(details.get("cached_tokens") or 0)
-        metrics.prompt_tokens_cached.labels(model=model, pruned=pruned).inc(cached)
-        visual = visual_usage(geometry, sizes, usage)
-        if visual is not None:
-            usage = {**usage, "visual_tokens": visual}
-            metrics.visual_original.labels(model=model).inc(visual["original"])
-            metrics.visual_kept.labels(model=model).inc(visual["kept"])
-            metrics.visual_saved.labels(model=model).inc(visual["saved"])
-            if geometry is not None and visual["saved"] > 0:
-                flops = geometry.flops_saved(visual["saved"], int(usage["prompt_tokens"]))
-                metrics.flops_saved.labels(model=model).inc(flops)
-        return usage
-
-    @app.post(
-        "/v1/chat/completions",
-        response_model=ChatCompletionResponse,
-        responses={**ERRORS, 200: {"description": "JSON, or SSE when `stream` is true"}},
-    )
-    async def chat_completions(
-        body: ChatCompletionRequest, request: Request, _: Authorized
-    ) -> Response:
-        nonlocal in_flight
-        if in_flight >= settings.max_concurrency:
-            raise GatewayError(
-                429,
-                f"too many requests in flight (limit {settings.max_concurrency}); retry later",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            )
-        knob = resolve_knob(body)
-        sizes = validate_images(body.messages, settings)
-        model, started = body.model, time.perf_counter()
-        headers = {"X-Request-Id": request.state.request_id}
-        payload = upstream_body(body, knob)
-        in_flight += 1
-        metrics.in_flight.inc()
-        status = 500
-        try:
-            if not body.stream:
-                status, data = await request_json(
-                    request.app.state.client, metrics, "POST", CHAT, json=payload, headers=headers
-                )
-                metrics.ttft.labels(model=model).observe(time.perf_counter() - started)
-                if status == 200 and data.get("usage"):
-                    data["usage"] = account(model, sizes, data["usage"], knob)
-                _log(request, model, status, started, knob)
-                return JSONResponse(data, status_code=status)
-            resp = await send(
-                request.app.state.client, metrics, "POST", CHAT, json=payload, headers=headers,
-                stream=True,
-            )  # fmt: skip
-            status = resp.status_code
-            if status != 200:
-                data = json.loads(await resp.aread() or b"{}")
-                await resp.aclose()
-                _log(request, model, status, started, knob)
-                return JSONResponse(data, status_code=status)
-        except GatewayError as exc:
-            status = exc.status
-            raise
-        finally:
-            if body.stream is False or status != 200:
-                _finish(model, status, started)
-
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-        async def events() -> AsyncIterator[bytes]:
-            outcome = 200
-            try:
-                async for event in relay_sse(
-                    resp,
-                    keep_usage_chunk=include_usage,
-                    on_usage=lambda usage: account(model, sizes, usage, knob),
-                    on_first_token=lambda: metrics.ttft.labels(model=model).observe(
-                        time.perf_counter() - started
-                    ),
-                ):
-                    yield event
-            except BaseException:
-                outcome = 499  # client went away (or the stream broke): upstream was closed
-                raise
-            finally:
-                _finish(model, outcome, started)
-                _log(request, model, outcome, started, knob)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    def _finish(model: str, status: int, started: float) -> None:
-        nonlocal in_flight
-        in_flight -= 1
-        metrics.in_flight.dec()
-        metrics.requests.labels(model=model, status=str(status)).inc()
-        metrics.duration.labels(model=model).observe(time.perf_counter() - started)
-
-    @app.get("/v1/models", responses=ERRORS)
-    async def models(request: Request, _: Authorized) -> JSONResponse:
-        status, data = await request_json(request.app.state.client, metrics, "GET", "/v1/models")
-        return JSONResponse(data, status_code=status)
-
-    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
-    async def health(request: Request) -> JSONResponse:
-        try:
-            r = await request.app.state.client.get("/health", timeout=2.0)
-            ok = r.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        body = Health(status="ok" if ok else "degraded", upstream="ready" if ok else "unavailable")
-        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
-
-    @app.get("/metrics", dependencies=[Depends(require_metrics_key)])
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(chat.router)
+    app.include_router(service.router)
+    app.openapi = lambda: openapi_contract(app)  # type: ignore[method-assign]
     return app
 
 
-def _log(
-    request: Request, model: str, status: int, started: float, knob: SparsityKnob | None
-) -> None:
-    logger.info(
-        json.dumps(
-            {
-                "event": "chat_completion",
-                "request_id": request.state.request_id,
-                "model": model,
-                "status": status,
-                "seconds": round(time.perf_counter() - started, 4),
-                "sparsity": knob.canonical() if knob is not None else None,
-            }
+def openapi_contract(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, minus the 422 it documents by default (invalid requests get a 400 with
+    an OpenAI-shaped error, ``server/errors.py``), plus the limits this deployment enforces that
+    depend on its settings and served model (so the schema states them)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
         )
-    )
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        gateway: Gateway = app.state.gateway
+        limit = gateway.settings.max_output_tokens
+        request = components.get("ChatCompletionRequest", {}).get("properties", {})
+        for name in ("max_tokens", "max_completion_tokens"):
+            if limit is not None and name in request:
+                for branch in request[name].get("anyOf", [request[name]]):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = limit
+        knob = components.get("SparsityKnob", {}).get("properties", {})
+        if gateway.geometry is not None and "score_layer" in knob:
+            knob["score_layer"]["maximum"] = gateway.geometry.layers - 1
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def app_from_env() -> FastAPI:
-    return create_app(Settings())
+    return create_app(load_settings())

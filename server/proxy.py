@@ -61,6 +61,20 @@ async def request_json(
         raise GatewayError(502, "the engine sent a non-JSON answer") from None
 
 
+class StreamBroken(Exception):
+    """The engine's stream failed after its first byte (``kind`` labels the upstream error)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def sse_error(status: int, message: str) -> bytes:
+    """An OpenAI-style error object as one SSE event (the stream's last)."""
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": status}}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
 async def relay_sse(
     resp: httpx.Response,
     *,
@@ -70,26 +84,39 @@ async def relay_sse(
 ) -> AsyncIterator[bytes]:
     """Pass SSE events through; extend the usage chunk; drop it if the client did not ask.
 
-    Closing the upstream response (also when the client disconnects and this generator is
-    cancelled) makes vLLM abort the request and free its KV cache.
+    Raises StreamBroken if the engine's stream breaks, carries garbage, reports an error, or ends
+    without ``[DONE]``. Closing the upstream response (also when the client disconnects and this
+    generator is cancelled) makes vLLM abort the request and free its KV cache.
     """
     first = True
     try:
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                yield b"data: [DONE]\n\n"
-                break
-            chunk = json.loads(data)
-            if chunk.get("usage") and not chunk.get("choices"):
-                chunk["usage"] = on_usage(chunk["usage"])
-                if not keep_usage_chunk:
+        try:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
                     continue
-            elif first and chunk.get("choices"):
-                first = False
-                on_first_token()
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    yield b"data: [DONE]\n\n"
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise StreamBroken("protocol", "the engine sent a malformed event") from None
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    error = chunk["error"]
+                    text = error.get("message") if isinstance(error, dict) else str(error)
+                    raise StreamBroken("http_5xx", f"the engine reported: {text}")
+                if chunk.get("usage") and not chunk.get("choices"):
+                    chunk["usage"] = on_usage(chunk["usage"])
+                    if not keep_usage_chunk:
+                        continue
+                elif first and chunk.get("choices"):
+                    first = False
+                    on_first_token()
+                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        except httpx.HTTPError as exc:
+            kind, _ = classify(exc)
+            raise StreamBroken(kind, type(exc).__name__) from None
+        raise StreamBroken("protocol", "the engine's stream ended without [DONE]")
     finally:
         await resp.aclose()

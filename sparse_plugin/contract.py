@@ -34,6 +34,12 @@ class SparsityKnob(BaseModel):
     keep_ratio: float | None = Field(
         None, gt=0.0, le=1.0, description="Fraction of each image's visual tokens to keep."
     )
+    max_visual_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Ceiling on each image's tokens, whatever `visual_tokens` / `keep_ratio` "
+        "give (the gateway sets it to its operator's cap).",
+    )
     recycle: bool | None = Field(
         None,
         description="Merge part of the pruned tokens back as cluster means (SparseVLM token "
@@ -59,6 +65,8 @@ class SparsityKnob(BaseModel):
     def _one_budget(self) -> SparsityKnob:
         if self.visual_tokens is not None and self.keep_ratio is not None:
             raise ValueError("give either visual_tokens or keep_ratio, not both")
+        if self.method == "off" and self.max_visual_tokens is not None:
+            raise ValueError("method 'off' keeps every token: it takes no max_visual_tokens")
         if self.method != "off" and self.visual_tokens is None and self.keep_ratio is None:
             raise ValueError("pruning needs a budget: set visual_tokens or keep_ratio")
         return self
@@ -79,9 +87,11 @@ class SparsityKnob(BaseModel):
         if not self.enabled:
             return num_tokens
         if self.visual_tokens is not None:
-            return min(self.visual_tokens, num_tokens)
-        assert self.keep_ratio is not None
-        return min(num_tokens, max(1, int(self.keep_ratio * num_tokens + 0.5)))
+            asked = self.visual_tokens
+        else:
+            assert self.keep_ratio is not None
+            asked = max(1, int(self.keep_ratio * num_tokens + 0.5))
+        return min(num_tokens, asked, self.max_visual_tokens or num_tokens)
 
     def canonical(self) -> dict[str, Any]:
         """Explicit, order-stable form of the whole knob (logs, and the engine's copy of it)."""
@@ -97,6 +107,7 @@ class SparsityKnob(BaseModel):
             "method": self.method,
             "visual_tokens": self.visual_tokens,
             "keep_ratio": self.keep_ratio,
+            "max_visual_tokens": self.max_visual_tokens,
             "recycle": self.recycle_enabled,
             "version": self.version,
             "score_layer": self.score_layer,
