@@ -73,10 +73,9 @@ async def ask(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Turn
                 continue
             chunk = json.loads(line[5:])
             for choice in chunk.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    ttft = ttft if ttft is not None else time.perf_counter() - t0
-                    text.append(piece)
+                # vLLM streams its first chunk once the prefill has produced the first token
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                text.append((choice.get("delta") or {}).get("content") or "")
             usage = chunk.get("usage") or usage
     details = usage.get("prompt_tokens_details") or {}
     return Turn(
