@@ -36,7 +36,7 @@ SERVER_FIXTURE = {
     "qwen2.5-vl": "qwen_server",
 }
 LOGPROB_TOL = 1e-4
-KNOB = {"visual_tokens": 64}
+KNOB = {"visual_tokens": 64, "scope": "turn"}
 QUESTIONS = [
     "What color is the circle?",
     "How many triangles are there?",
@@ -238,7 +238,7 @@ def chat_many(chat: Chat, bodies: list[dict]) -> list[Answer]:
 
 def test_prompt_scope_reselects_each_turn_and_encodes_once(chat: Chat, fresh: FreshEngine):
     image = new_image()
-    conv = Conversation(chat.model, {**KNOB, "scope": "prompt"})
+    conv = Conversation(chat.model, {"visual_tokens": 64, "scope": "prompt"})
     misses, hits, before = chat.metric(MISSES), chat.metric(HITS), len(records(chat.server))
     asked = [conv.ask(chat, text, [image] if i == 0 else []) for i, text in enumerate(QUESTIONS)]
     selections = records(chat.server)[before:]
@@ -257,7 +257,7 @@ def test_prompt_scope_encodes_only_the_new_image_of_a_batch(chat: Chat, fresh: F
     """Turn 2 brings a second image: the known one comes from the vision cache, the tower runs on
     the new one alone (the per-family split of a batch of tower inputs)."""
     known, new = new_image(), new_image()
-    conv = Conversation(chat.model, {**KNOB, "scope": "prompt"})
+    conv = Conversation(chat.model, {"visual_tokens": 64, "scope": "prompt"})
     misses, hits = chat.metric(MISSES), chat.metric(HITS)
     asked = [conv.ask(chat, QUESTIONS[0], [known]), conv.ask(chat, QUESTIONS[1], [new])]
     assert chat.metric(MISSES) - misses == 2
