@@ -73,10 +73,9 @@ async def ask(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Turn
                 continue
             chunk = json.loads(line[5:])
             for choice in chunk.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    ttft = ttft if ttft is not None else time.perf_counter() - t0
-                    text.append(piece)
+                # vLLM streams its first chunk once the prefill has produced the first token
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                text.append((choice.get("delta") or {}).get("content") or "")
             usage = chunk.get("usage") or usage
     details = usage.get("prompt_tokens_details") or {}
     return Turn(
@@ -278,22 +277,23 @@ VARIANTS = {
 }
 
 
-def conversation(index: int) -> list[tuple[str, str]] | None:
-    """Test sample ``index`` and four follow-ups about objects its first question does not name."""
+def conversation(index: int, other_objects: bool) -> list[tuple[str, str]] | None:
+    """Test sample ``index`` and four follow-ups: about objects its first question does not name
+    (``other_objects``), or any of the scene's questions (as ``follow_ups`` draws them)."""
     s = sample("test", index)
     first = set(named_objects(s.question, s.objects))
     turns = [(s.question, s.answer)]
     for q, a in follow_ups("test", index, s.objects, rounds=3):
-        if q != s.question and not first & set(named_objects(q, s.objects)):
+        if q != s.question and not (other_objects and first & set(named_objects(q, s.objects))):
             turns.append((q, a))
     return turns[:5] if len(turns) >= 5 else None
 
 
-def accuracy_settings() -> dict[str, dict | None]:
+def accuracy_settings(variants: dict[str, dict]) -> dict[str, dict | None]:
     settings: dict[str, dict | None] = {"unpruned": {"method": "off"}}
     for budget in (64, 192):
         for scope in ("turn", "prompt"):
-            for variant, knob in VARIANTS.items():
+            for variant, knob in variants.items():
                 settings[f"{scope} scope, {variant} @{budget}"] = {
                     "visual_tokens": budget, "scope": scope, **knob}  # fmt: skip
     return settings
@@ -303,8 +303,9 @@ def run_accuracy(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     scripts: list[tuple[int, list[tuple[str, str]]]] = []
     index = 0
+    other = args.follow_ups == "other"
     while len(scripts) < args.conversations:
-        turns = conversation(index)
+        turns = conversation(index, other)
         if turns is not None:
             scripts.append((index, turns))
         index += 1
@@ -312,7 +313,8 @@ def run_accuracy(args: argparse.Namespace) -> None:
     url, key, _, stop = start_stack(args.model, "bench-conv-accuracy")
     scores: dict[str, list[list[bool]]] = {}
     try:
-        for label, sparsity in accuracy_settings().items():
+        variants = VARIANTS if other else {"v1.5": VARIANTS["v1.5"]}
+        for label, sparsity in accuracy_settings(variants).items():
             jobs = [{"model": args.model.name, "image": images[i], "questions": [q for q, _ in t],
                      "sparsity": sparsity, "max_tokens": 4} for i, t in scripts]  # fmt: skip
             runs = asyncio.run(many(url, key, jobs, args.concurrency))
@@ -324,31 +326,43 @@ def run_accuracy(args: argparse.Namespace) -> None:
     finally:
         stop()
     meta = {"minutes": round((time.monotonic() - t0) / 60, 1), "machine": machine(),
-            "conversations": len(scripts), "model": str(args.model.relative_to(ROOT))
+            "conversations": len(scripts), "follow_ups": args.follow_ups,
+            "model": str(args.model.relative_to(ROOT))
             if args.model.is_relative_to(ROOT) else str(args.model)}  # fmt: skip
-    (OUT / "conversation_accuracy.json").write_text(json.dumps({"meta": meta, "scores": scores}))
-    write_accuracy_report(scores, meta)
+    name = "conversation_accuracy" + ("" if other else "_any")
+    (OUT / f"{name}.json").write_text(json.dumps({"meta": meta, "scores": scores}))
+    write_accuracy_report(scores, meta, name)
 
 
 def by_turn(hits: list[list[bool]]) -> list[float]:
     return [sum(h[i] for h in hits) / len(hits) for i in range(5)]
 
 
-def write_accuracy_report(scores: dict[str, list[list[bool]]], meta: dict[str, Any]) -> None:
+def write_accuracy_report(
+    scores: dict[str, list[list[bool]]], meta: dict[str, Any], name: str
+) -> None:
     n = meta["conversations"]
+    other = meta["follow_ups"] == "other"
+    about = (
+        "each about objects the first question does not name (`shapes.task.follow_ups`, "
+        "filtered with `named_objects`)"
+        if other
+        else "any question the scene can pose (`shapes.task.follow_ups`, unfiltered: some are "
+        "about what the first question named)"
+    )
     full = by_turn(scores["unpruned"])
     full_follow = sum(full[1:]) / 4
     lines = [
         "# Multi-turn chat: accuracy by turn (shapes task, through the server)",
         "",
         f"Model `{meta['model']}`; {n} conversations from the test split, 5 turns each: the "
-        "sample's own question, then four follow-ups about the same image, each about objects the "
-        "first question does not name (`shapes.task.follow_ups`, filtered with "
-        "`named_objects`). Each turn resends the conversation with the model's own previous "
+        f"sample's own question, then four follow-ups about the same image, {about}. Each turn "
+        "resends the conversation with the model's own previous "
         "answers; greedy, first word scored. Turn scope selects the image's tokens once, for the "
         "first question; prompt scope re-selects for every question. "
         f"Machine: {meta['machine']}; {meta['minutes']} min. Command: "
-        f"`.venv/bin/python benchmarks/bench_conversation.py accuracy --conversations {n}`.",
+        "`.venv/bin/python benchmarks/bench_conversation.py accuracy --conversations "
+        f"{n}{'' if other else ' --follow-ups any'}`.",
         "",
         f"One standard error at p = 0.9 over {n} answers: ±{(0.09 / n) ** 0.5:.3f}.",
         "",
@@ -363,12 +377,12 @@ def write_accuracy_report(scores: dict[str, list[list[bool]]], meta: dict[str, A
             f"| {label} | " + " | ".join(f"{a:.3f}" for a in acc)
             + f" | {follow:.3f} | {100 * follow / full_follow:.1f} |"
         )  # fmt: skip
-    lines += ["", "![accuracy by turn](conversation_accuracy.png)", ""]
-    (OUT / "conversation_accuracy.md").write_text("\n".join(lines))
-    plot_accuracy(scores)
+    lines += ["", f"![accuracy by turn]({name}.png)", ""]
+    (OUT / f"{name}.md").write_text("\n".join(lines))
+    plot_accuracy(scores, name)
 
 
-def plot_accuracy(scores: dict[str, list[list[bool]]]) -> None:
+def plot_accuracy(scores: dict[str, list[list[bool]]], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,7 +402,7 @@ def plot_accuracy(scores: dict[str, list[list[bool]]]) -> None:
         ax.legend(fontsize=7, loc="lower left")
     axes[0].set_ylabel("accuracy")
     fig.tight_layout()
-    fig.savefig(OUT / "conversation_accuracy.png", dpi=110)
+    fig.savefig(OUT / f"{name}.png", dpi=110)
 
 
 def main() -> None:
@@ -404,6 +418,10 @@ def main() -> None:
     acc.add_argument("--model", type=Path, default=ROOT / "models" / "shapes-llava")
     acc.add_argument("--conversations", type=int, default=200)
     acc.add_argument("--concurrency", type=int, default=16)
+    acc.add_argument(
+        "--follow-ups", choices=["other", "any"], default="other",
+        help="follow-ups about other objects than the first question (default), or any",
+    )  # fmt: skip
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     run_speed(args) if args.part == "speed" else run_accuracy(args)

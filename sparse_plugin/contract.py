@@ -43,7 +43,8 @@ class SparsityKnob(BaseModel):
     recycle: bool | None = Field(
         None,
         description="Merge part of the pruned tokens back as cluster means (SparseVLM token "
-        "recycling). Default: on for v1.5, off for v2.",
+        "recycling, the paper's v1.5 default). Default: off, the better measured setting "
+        "(docs/BENCHMARKS.md).",
     )
     version: Version = Field("v1.5", description="`v1.5` (paper, ICML) or `v2` (SparseVLM+).")
     score_layer: int = Field(
@@ -53,12 +54,13 @@ class SparsityKnob(BaseModel):
         "embeddings; must be below the model's layer count).",
     )
     scope: Scope = Field(
-        "turn",
-        description="Which text rates an image. `turn`: the text before it and its own user "
-        "turn up to where the assistant's reply begins, so later turns of a conversation keep "
-        "the same selection and vLLM's prefix and encoder caches hit. `prompt`: all the text "
-        "after it, so every new question re-selects (the vision tower still runs once per "
-        "image).",
+        "prompt",
+        description="Which text rates an image. `prompt` (default): all the text after it, so "
+        "every new question re-selects (the vision tower still runs once per image). `turn`: "
+        "the text before it and its own user turn up to where the assistant's reply begins, so "
+        "later turns of a conversation keep the selection and vLLM's prefix and encoder caches "
+        "hit: much faster follow-ups, but they are answered from the tokens chosen for the "
+        "image's own turn (docs/BENCHMARKS.md).",
     )
 
     @model_validator(mode="after")
@@ -77,10 +79,8 @@ class SparsityKnob(BaseModel):
 
     @property
     def recycle_enabled(self) -> bool:
-        """Recycling applies to SparseVLM only; its default follows the version."""
-        if self.method != "sparsevlm":
-            return False
-        return self.version == "v1.5" if self.recycle is None else self.recycle
+        """Recycling applies to SparseVLM only, and only when asked for."""
+        return self.method == "sparsevlm" and bool(self.recycle)
 
     def budget(self, num_tokens: int) -> int:
         """Final visual-token count for an image of ``num_tokens`` tokens (never more than it)."""

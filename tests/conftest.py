@@ -48,6 +48,20 @@ def llava_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[
     yield from serve_traced(fixture_models["llava-1.5"], trace, block_size=BLOCK_SIZE)
 
 
+def serve_fresh(model: Path, trace: Path, **kw: object) -> Iterator[VllmServer]:
+    """A plugin engine for computing answers from scratch: no vision cache, and vLLM's cache-reset
+    endpoints on (dev mode), so a caller can empty every cache before a request."""
+    env = {"VLLM_SERVER_DEV_MODE": "1", "SPARSEVLM_VISION_CACHE_MB": "0"}
+    yield from serve_traced(model, trace, env=env, block_size=BLOCK_SIZE, **kw)
+
+
+@pytest.fixture(scope="session")
+def llava_fresh_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
+    """A second LLaVA-1.5 plugin engine: the from-scratch reference of cache-isolation tests."""
+    trace = tmp_path_factory.mktemp("trace-llava-fresh") / "selection.jsonl"
+    yield from serve_fresh(fixture_models["llava-1.5"], trace, name="llava-1.5-fresh")
+
+
 @pytest.fixture(scope="session")
 def llava_stock_server(fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
     """Stock vLLM (plugins disabled) on the same fixture: the reference for 'off == stock'."""

@@ -69,7 +69,7 @@ def prometheus(gateway, llava_server, tmp_path_factory):
 def _traffic(gateway, rounds: int = 4) -> None:
     """Single questions under several knobs, and a two-turn conversation each round."""
     knobs = [
-        {"visual_tokens": 64},
+        {"visual_tokens": 64, "scope": "turn"},
         {"keep_ratio": 0.5},
         None,
         {"visual_tokens": 32, "method": "random"},

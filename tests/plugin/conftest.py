@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import BLOCK_SIZE, image_data_url, serve_model
+from tests.conftest import image_data_url, serve_model
 from tests.vllm_server import VllmServer
 
 
@@ -141,9 +141,7 @@ def guided_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def fresh_chat(fixture_models: dict[str, Path]) -> Iterator[Chat]:
-    """A second plugin engine that has seen nothing: the reference for cache-isolation tests."""
-    for server in serve_model(
-        fixture_models["llava-1.5"], name="llava-1.5-fresh", block_size=BLOCK_SIZE
-    ):
-        yield Chat(server)
+def fresh_chat(llava_fresh_server: VllmServer) -> Chat:
+    """A second plugin engine that has not seen this module's images: the reference for
+    cache-isolation tests."""
+    return Chat(llava_fresh_server)

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import BLOCK_SIZE, image_data_url, serve_traced
+from tests.conftest import BLOCK_SIZE, image_data_url, serve_fresh
 from tests.plugin.conftest import Answer, Chat, shapes_image
 from tests.vllm_server import VllmServer
 
@@ -35,9 +35,8 @@ SERVER_FIXTURE = {
     "llava-next": "llava_next_server",
     "qwen2.5-vl": "qwen_server",
 }
-MAX_MODEL_LEN = {"llava-1.5": 4096, "llava-next": 8192, "qwen2.5-vl": 8192}  # as the fixtures
 LOGPROB_TOL = 1e-4
-KNOB = {"visual_tokens": 64}
+KNOB = {"visual_tokens": 64, "scope": "turn"}
 QUESTIONS = [
     "What color is the circle?",
     "How many triangles are there?",
@@ -123,13 +122,13 @@ def chat(family: str, request) -> Chat:
 
 
 @pytest.fixture(scope="module")
-def fresh(family: str, fixture_models, tmp_path_factory) -> Iterator[FreshEngine]:
+def fresh(family: str, fixture_models, tmp_path_factory, request) -> Iterator[FreshEngine]:
+    if family == "llava-1.5":  # the session's from-scratch LLaVA engine (test_llava_e2e uses it)
+        yield FreshEngine(request.getfixturevalue("llava_fresh_server"))
+        return
     trace = tmp_path_factory.mktemp(f"fresh-{family}") / "selection.jsonl"
-    env = {"VLLM_SERVER_DEV_MODE": "1", "SPARSEVLM_VISION_CACHE_MB": "0"}
-    for server in serve_traced(
-        fixture_models[family], trace, env=env, max_model_len=MAX_MODEL_LEN[family],
-        name=f"{family}-fresh", block_size=BLOCK_SIZE,
-    ):  # fmt: skip
+    name = f"{family}-fresh"
+    for server in serve_fresh(fixture_models[family], trace, max_model_len=8192, name=name):
         yield FreshEngine(server)
 
 
@@ -239,7 +238,7 @@ def chat_many(chat: Chat, bodies: list[dict]) -> list[Answer]:
 
 def test_prompt_scope_reselects_each_turn_and_encodes_once(chat: Chat, fresh: FreshEngine):
     image = new_image()
-    conv = Conversation(chat.model, {**KNOB, "scope": "prompt"})
+    conv = Conversation(chat.model, {"visual_tokens": 64, "scope": "prompt"})
     misses, hits, before = chat.metric(MISSES), chat.metric(HITS), len(records(chat.server))
     asked = [conv.ask(chat, text, [image] if i == 0 else []) for i, text in enumerate(QUESTIONS)]
     selections = records(chat.server)[before:]
@@ -251,4 +250,17 @@ def test_prompt_scope_reselects_each_turn_and_encodes_once(chat: Chat, fresh: Fr
     assert chat.metric(HITS) - hits == len(QUESTIONS) - 1
     assert [r["vision"] for r in selections] == ["miss"] + ["hit"] * (len(QUESTIONS) - 1)
     for body, answer in asked:  # cached tower outputs answer exactly as recomputed ones
+        assert_same_answer(answer, fresh.post(body))
+
+
+def test_prompt_scope_encodes_only_the_new_image_of_a_batch(chat: Chat, fresh: FreshEngine):
+    """Turn 2 brings a second image: the known one comes from the vision cache, the tower runs on
+    the new one alone (the per-family split of a batch of tower inputs)."""
+    known, new = new_image(), new_image()
+    conv = Conversation(chat.model, {"visual_tokens": 64, "scope": "prompt"})
+    misses, hits = chat.metric(MISSES), chat.metric(HITS)
+    asked = [conv.ask(chat, QUESTIONS[0], [known]), conv.ask(chat, QUESTIONS[1], [new])]
+    assert chat.metric(MISSES) - misses == 2
+    assert chat.metric(HITS) - hits == 1
+    for body, answer in asked:
         assert_same_answer(answer, fresh.post(body))

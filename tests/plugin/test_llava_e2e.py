@@ -45,7 +45,7 @@ def test_method_off_equals_stock(chat: Chat, stock_chat: Chat, images):
     ("knob", "kept"),
     [
         ({"visual_tokens": 64}, 64),
-        ({"visual_tokens": 64, "recycle": False}, 64),
+        ({"visual_tokens": 64, "recycle": True}, 64),
         ({"visual_tokens": 192, "version": "v2"}, 192),
         ({"visual_tokens": 1}, 1),
         ({"visual_tokens": 10_000}, 576),
@@ -127,7 +127,7 @@ def test_server_default_knob_applies_only_without_a_knob(guided_server):
 def test_mixed_batch_equals_solo(chat: Chat, images):
     requests = [
         (images[:1], Q1, None),
-        (images[:1], Q2, {"visual_tokens": 64}),
+        (images[:1], Q2, {"visual_tokens": 64, "recycle": True}),
         (images[1:2], Q1, {"visual_tokens": 32, "method": "random"}),
         (images[:2], Q2, {"keep_ratio": 0.1, "version": "v2"}),
         (images[1:3], Q1, {"visual_tokens": 100, "method": "fastv"}),

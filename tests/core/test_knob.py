@@ -1,0 +1,19 @@
+"""The knob's defaults are the measured best ones (docs/BENCHMARKS.md), and its identity."""
+
+from __future__ import annotations
+
+from sparse_plugin.contract import SparsityKnob
+
+
+def test_defaults_prompt_scope_v15_without_recycling():
+    knob = SparsityKnob(visual_tokens=64)
+    assert knob.scope == "prompt" and knob.version == "v1.5" and not knob.recycle_enabled
+    assert SparsityKnob(visual_tokens=64, recycle=True).recycle_enabled
+    assert not SparsityKnob(visual_tokens=64, recycle=True, method="random").recycle_enabled
+
+
+def test_scope_decides_the_text_not_the_selection_identity():
+    turn = SparsityKnob(visual_tokens=64, scope="turn")
+    prompt = SparsityKnob(visual_tokens=64, scope="prompt")
+    assert turn.selection_identity() == prompt.selection_identity()
+    assert turn.canonical() != prompt.canonical()
