@@ -26,4 +26,5 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=5 \
 
 # Default: the gateway (the engine service overrides the entrypoint and command).
 ENTRYPOINT []
-CMD ["uvicorn", "server.main:app_from_env", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+# `python -m server`: a bad SPARSEVLM_GATEWAY_* value is one clear line and exit code 2.
+CMD ["python3", "-m", "server", "--host", "0.0.0.0", "--port", "8000"]

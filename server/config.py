@@ -38,7 +38,8 @@ StrList = Annotated[list[str], NoDecode]  # NoDecode: the validator below parses
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    # env_ignore_empty: compose files pass `VAR: ${VAR:-}` through, and empty means "not set".
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
     upstream_url: str = Field("http://127.0.0.1:8001", description="vLLM OpenAI server (internal).")
     model_dir: Path | None = Field(

@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if args.vision_cache_mb is not None:
         env["SPARSEVLM_VISION_CACHE_MB"] = str(args.vision_cache_mb)
-    engine = subprocess.Popen(engine_command(model, engine_port, name, args), env=env)
+    # its own process group: stopping it (or sweeping up after it died) reaches its engine-core
+    # and worker processes too
+    engine = subprocess.Popen(
+        engine_command(model, engine_port, name, args), env=env, start_new_session=True
+    )
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
@@ -204,13 +208,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsevlm: {exc}", file=sys.stderr)  # noqa: T201
         code = 1
     finally:
+        stop_engine(engine)
+    return code
+
+
+def stop_engine(engine: subprocess.Popen) -> None:
+    """SIGINT the engine's process group, wait, then kill whatever of it is left."""
+    try:
         if engine.poll() is None:
-            engine.send_signal(signal.SIGINT)
+            os.killpg(engine.pid, signal.SIGINT)
             try:
                 engine.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                engine.kill()
-    return code
+                pass
+        os.killpg(engine.pid, signal.SIGKILL)  # orphans of a crashed API server, if any
+    except ProcessLookupError:
+        pass
 
 
 if __name__ == "__main__":

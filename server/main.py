@@ -84,6 +84,16 @@ def remote_images(settings: Settings) -> RemoteImages:
     )
 
 
+async def learn_served_models(gateway: Gateway) -> None:
+    """The engine's model names, if it answers now: they label metrics and, in the schema, the
+    values `model` takes. (An engine that is still starting is simply asked nothing more.)"""
+    try:
+        r = await gateway.engine.get("/v1/models", timeout=2.0)
+        gateway.served.update(m["id"] for m in r.json().get("data", []) if "id" in m)
+    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+        pass
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     gateway = Gateway(
@@ -106,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 keepalive_expiry=2.0,
             ),
         )
+        await learn_served_models(gateway)
         try:
             yield
         finally:
@@ -159,8 +170,12 @@ def openapi_contract(app: FastAPI) -> dict[str, Any]:
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         gateway: Gateway = app.state.gateway
+        if not gateway.settings.metrics_require_key:  # open: it takes no credentials
+            schema["paths"]["/metrics"]["get"].pop("security", None)
         limit = gateway.settings.max_output_tokens
         request = components.get("ChatCompletionRequest", {}).get("properties", {})
+        if gateway.served and "model" in request:
+            request["model"]["enum"] = sorted(gateway.served)
         for name in ("max_tokens", "max_completion_tokens"):
             if limit is not None and name in request:
                 for branch in request[name].get("anyOf", [request[name]]):

@@ -15,7 +15,8 @@ from sparse_plugin.contract import SparsityKnob
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON string is not a number here, nor a number a bool (no silent coercion)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- content parts -----------------------------------------------------------------------------
@@ -102,7 +103,7 @@ class ChatCompletionRequest(BaseModel):
     """OpenAI chat completion request. The common sampling fields are typed here (so a
     schema-valid request is one vLLM accepts); other OpenAI / vLLM fields pass through."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import httpx
@@ -22,6 +22,14 @@ class Gateway:
     remote: RemoteImages
     client: httpx.AsyncClient | None = None  # the engine; opened in the app's lifespan
     in_flight: int = 0
+    served: set[str] = field(default_factory=set)  # model names the engine has answered for
+
+    def model_label(self, model: str, status: int) -> str:
+        """The metrics label for a client's ``model``: only names the engine has served, so a
+        client cannot grow the label set (any string it sends would otherwise become a series)."""
+        if status == 200:
+            self.served.add(model)
+        return model if model in self.served else "unknown"
 
     @property
     def engine(self) -> httpx.AsyncClient:

@@ -21,7 +21,7 @@ Scope = Literal["turn", "prompt"]
 class SparsityKnob(BaseModel):
     """How to prune one request's images; a budget ≥ an image's token count keeps it whole."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: Method = Field(
         "sparsevlm",

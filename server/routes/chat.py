@@ -24,7 +24,20 @@ logger = logging.getLogger("sparsevlm.gateway")
 router = APIRouter()
 CHAT = "/v1/chat/completions"
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 429, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 502, 503, 504)
+}
+
+
+SSE_EVENT = {  # one server-sent event of a streamed answer
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A JSON `chat.completion.chunk` (the last one with `usage` when "
+            'asked), an OpenAI-style `{"error": ...}` if the engine\'s stream broke, or `[DONE]`.',
+        }
+    },
 }
 
 
@@ -64,8 +77,13 @@ def resolve_knob(gw: Gateway, body: ChatCompletionRequest) -> SparsityKnob | Non
     return knob.model_copy(update={"max_visual_tokens": min(cap, knob.max_visual_tokens or cap)})
 
 
-def upstream_body(body: ChatCompletionRequest, knob: SparsityKnob | None) -> dict[str, Any]:
+def upstream_body(
+    body: ChatCompletionRequest, knob: SparsityKnob | None, max_output_tokens: int | None
+) -> dict[str, Any]:
     payload = body.model_dump(exclude={"sparsity"}, exclude_none=True)
+    if max_output_tokens is not None and body.max_tokens is None:
+        if body.max_completion_tokens is None:  # the cap holds for requests that name none too
+            payload["max_tokens"] = max_output_tokens
     if knob is not None:
         payload["mm_processor_kwargs"] = {KNOB_KEY: knob.model_dump(exclude_none=True)}
     if body.stream:
@@ -78,7 +96,7 @@ def account(
     gw: Gateway, model: str, sizes: list[Size], usage: dict[str, Any], knob: SparsityKnob | None
 ) -> dict[str, Any]:
     """Usage extended with what pruning did (``visual_tokens``, ``sparsity``); metrics counted."""
-    m = gw.metrics
+    m, model = gw.metrics, gw.model_label(model, 200)  # usage comes with answers only
     pruned = "true" if sizes and knob is not None and knob.enabled else "false"
     details = usage.get("prompt_tokens_details") or {}
     m.prompt_tokens.labels(model=model, pruned=pruned).inc(usage["prompt_tokens"])
@@ -105,7 +123,7 @@ def account(
         **ERRORS,
         200: {
             "description": "JSON, or server-sent events when `stream` is true",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         },
     },
 )
@@ -129,19 +147,21 @@ async def chat_completions(
     def finish(final: int) -> None:
         gw.in_flight -= 1
         metrics.in_flight.dec()
-        metrics.requests.labels(model=model, status=str(final)).inc()
-        metrics.duration.labels(model=model).observe(time.perf_counter() - started)
+        label = gw.model_label(model, final)
+        metrics.requests.labels(model=label, status=str(final)).inc()
+        metrics.duration.labels(model=label).observe(time.perf_counter() - started)
         _log(request, model, final, started, knob)
 
     try:
         sizes = await check_images(body.messages, settings, gw.remote)
-        payload = upstream_body(body, knob)
+        payload = upstream_body(body, knob, settings.max_output_tokens)
         headers = {"X-Request-Id": request.state.request_id}
         if not body.stream:
             status, data = await request_json(
                 gw.engine, metrics, "POST", CHAT, json=payload, headers=headers
             )
-            metrics.ttft.labels(model=model).observe(time.perf_counter() - started)
+            ttft = time.perf_counter() - started
+            metrics.ttft.labels(model=gw.model_label(model, status)).observe(ttft)
             if status == 200 and data.get("usage"):
                 data["usage"] = account(gw, model, sizes, data["usage"], knob)
             return JSONResponse(data, status_code=status)

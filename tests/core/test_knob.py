@@ -17,3 +17,10 @@ def test_scope_decides_the_text_not_the_selection_identity():
     prompt = SparsityKnob(visual_tokens=64, scope="prompt")
     assert turn.selection_identity() == prompt.selection_identity()
     assert turn.canonical() != prompt.canonical()
+
+
+def test_the_per_image_ceiling_bounds_every_budget():
+    assert SparsityKnob(visual_tokens=64, max_visual_tokens=32).budget(576) == 32
+    assert SparsityKnob(keep_ratio=1.0, max_visual_tokens=32).budget(576) == 32
+    assert SparsityKnob(keep_ratio=0.5, max_visual_tokens=1000).budget(576) == 288
+    assert SparsityKnob(visual_tokens=16, max_visual_tokens=32).budget(10) == 10

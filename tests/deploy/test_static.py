@@ -72,6 +72,14 @@ def test_ports_targets_and_dependencies_agree():
     assert "api_keys" in COMPOSE["secrets"] and gateway["secrets"] == ["api_keys"]
 
 
+def test_every_service_is_restarted_and_the_gateway_runs_its_checked_entry_point():
+    for name, service in COMPOSE["services"].items():
+        assert service.get("restart") in ("unless-stopped", "always"), name
+    for dockerfile in ("Dockerfile", "deploy/Dockerfile.cpu"):
+        cmd = re.search(r"^CMD (.+)$", (ROOT / dockerfile).read_text(), re.M)
+        assert cmd and json.loads(cmd.group(1))[:3] == ["python3", "-m", "server"], dockerfile
+
+
 def test_cpu_override_builds_the_bundled_model_image():
     assert set(CPU["services"]) <= set(COMPOSE["services"])
     engine = CPU["services"]["engine"]

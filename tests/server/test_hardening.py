@@ -76,6 +76,17 @@ def test_keys_from_the_environment(llava_server, value, accepted):
         proc.wait(timeout=20)
 
 
+def test_empty_variables_mean_unset_as_compose_passes_them(llava_server):
+    empty = {f"SPARSEVLM_GATEWAY_{n}": "" for n in ("DEFAULT_SPARSITY", "MAX_VISUAL_TOKENS")}
+    proc, url = run_gateway(empty, llava_server.url)
+    try:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def test_keys_from_a_file(llava_server, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# operators' keys\nfile-key-1\n\n  file-key-2  \n")
@@ -114,14 +125,16 @@ def test_serve_checks_settings_before_starting_the_engine(tmp_path):
     assert "Traceback" not in out.stderr and time.monotonic() - t0 < 30  # no engine was started
 
 
-def test_serve_takes_keys_and_exits_when_its_engine_dies(fixture_models):
-    """`sparsevlm serve --api-key ...` on a real engine; kill the engine, serve exits 1 fast."""
+def test_serve_takes_keys_and_exits_when_its_engine_dies(fixture_models, tmp_path):
+    """`sparsevlm serve --api-key ...` on a real engine; kill the engine, serve exits 1 fast and
+    leaves none of the engine's processes behind."""
     port = free_port()
     cli = [sys.executable, "-m", "sparse_plugin.cli", "serve", "--model",
            str(fixture_models["llava-1.5"]), "--port", str(port), "--api-key", "k1",
            "--api-key", "k2"]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(cli, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -132,17 +145,24 @@ def test_serve_takes_keys_and_exits_when_its_engine_dies(fixture_models):
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         assert httpx.get(f"{url}/v1/models").status_code == 401
         for key in ("k1", "k2"):
             r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200
         engine = next(p for p in children(proc.pid) if "api_server" in cmdline(p))
+        group = os.getpgid(engine)
         os.kill(engine, signal.SIGKILL)
         t0 = time.monotonic()
         code = proc.wait(timeout=30)
         assert code == 1 and time.monotonic() - t0 < 10
-        assert "the vLLM engine exited" in proc.stderr.read()
+        assert "the vLLM engine exited" in log.read_text()
+        for _ in range(30):  # SIGKILL is delivered at once; the exits take a moment
+            left = subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True)
+            if not left.stdout.strip():
+                break
+            time.sleep(0.5)
+        assert not left.stdout.strip(), f"engine processes left behind: {left.stdout}"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -416,3 +436,10 @@ def test_big_images_still_413_with_remote_fetching_on(remote):
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     r = chat(remote.url, image_body(url), remote.api_key)
     assert r.status_code == 413 and "1100x1000" in r.text
+
+
+def test_client_model_names_do_not_become_metric_labels(capped):
+    r = chat(capped.url, {**body(), "model": "no-such-model-7"}, capped.api_key)
+    assert r.status_code == 404
+    text = httpx.get(f"{capped.url}/metrics").text
+    assert "no-such-model-7" not in text and 'model="unknown",status="404"' in text
