@@ -21,6 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from server.launch import EngineFailed, wait_healthy
 from tests.gateway_fixtures import gateway_settings, start_gateway
 from tests.plugin.conftest import shapes_image
 from tests.server.test_gateway import MODEL, messages
@@ -137,15 +138,10 @@ def test_serve_takes_keys_and_exits_when_its_engine_dies(fixture_models, tmp_pat
     proc = subprocess.Popen(cli, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            wait_healthy(url, proc, timeout=600)
+        except EngineFailed as exc:
+            pytest.fail(f"{exc}: {log.read_text()[-3000:]}")
         assert httpx.get(f"{url}/v1/models").status_code == 401
         for key in ("k1", "k2"):
             r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
