@@ -25,6 +25,9 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": (
         "sparse_plugin.models.qwen2_5_vl:SparseQwen2_5_VLForConditionalGeneration"
     ),
+    "Qwen3VLForConditionalGeneration": (
+        "sparse_plugin.models.qwen3_vl:SparseQwen3VLForConditionalGeneration"
+    ),
 }
 
 _registered = False

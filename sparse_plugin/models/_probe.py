@@ -7,9 +7,10 @@ layer ℓ's queries for the rater rows and its keys for the whole sequence.
 
 Tensor parallelism: QKV/O projections are vLLM's parallel linears, so each rank holds its own heads
 and ``o_proj`` all-reduces; per-head statistics are reduced across ranks by the callers below.
-Works for Llama-style decoders (LLaVA's Llama/Vicuna/Mistral, Qwen2): attributes ``self_attn``
-{``qkv_proj``, ``rotary_emb``, ``o_proj``, ``q_size``, ``kv_size``, ``num_heads``, ``num_kv_heads``,
-``head_dim``, ``scaling``}, ``input_layernorm``, ``post_attention_layernorm``, ``mlp``.
+Works for Llama-style decoders (LLaVA's Llama/Vicuna/Mistral, Qwen2, Qwen3): attributes
+``self_attn`` {``qkv_proj``, ``rotary_emb``, ``o_proj``, ``q_size``, ``kv_size``, ``num_heads``,
+``num_kv_heads``, ``head_dim``, ``scaling``, and ``q_norm``/``k_norm`` where the model normalises
+q and k per head}, ``input_layernorm``, ``post_attention_layernorm``, ``mlp``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
 def _qkv(attn: nn.Module, positions: torch.Tensor, x: torch.Tensor):
     qkv, _ = attn.qkv_proj(x)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    if hasattr(attn, "q_norm"):  # QK-norm (Qwen3): RMSNorm per head, before RoPE
+        q = attn.q_norm(q.reshape(-1, attn.head_dim)).view(q.shape)
+        k = attn.k_norm(k.reshape(-1, attn.head_dim)).view(k.shape)
     q, k = attn.rotary_emb(positions, q, k)
     return q, k, v
 
@@ -72,6 +76,7 @@ def probe_layer(
     positions: torch.Tensor,
     layer: int,
     rows: torch.Tensor,
+    added: torch.Tensor | None = None,
 ) -> ProbeOutput:
     """Queries of ``rows`` and keys of all tokens at decoder layer ``layer``.
 
@@ -81,10 +86,14 @@ def probe_layer(
         positions: position ids as the model's RoPE expects them ((L,), or (3, L) for M-RoPE).
         layer: the scoring layer ℓ (layers 0..ℓ-1 run first).
         rows: (R,) indices of the query rows wanted (raters).
+        added: (A, L, d) inputs added to the hidden states after layers 0..A-1, as the model
+            adds them (Qwen3-VL's DeepStack features at the visual rows); None for none.
     """
     h, residual = embeds, None
     for i in range(layer):
         h, residual = _layer_forward(layers[i], positions, h, residual)
+        if added is not None and i < len(added):
+            h = h + added[i]
     target = layers[layer]
     x = target.input_layernorm(h) if residual is None else target.input_layernorm(h, residual)[0]
     attn = target.self_attn

@@ -72,6 +72,8 @@ _IN_DUMMY: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsevlm_dumm
 _ORDINALS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "sparsevlm_ordinals", default=None
 )
+# This request's pruning plan while the HF processor runs without it (_apply_hf_processor_main).
+_PLAN: contextvars.ContextVar[object] = contextvars.ContextVar("sparsevlm_plan", default=None)
 
 
 def load_default_knob() -> SparsityKnob | None:
@@ -248,9 +250,31 @@ class SparseProcessorMixin:
         _ORDINALS.set([i for i, hit in enumerate(cached) if not hit])
         return mm_is_cached, missing
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
-        hf_kwargs = without_knob(hf_kwargs)
-        return super()._call_hf_processor(hf_data, hf_kwargs)  # type: ignore[misc]
+    def _apply_hf_processor_main(
+        self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
+        # Every HF-processor call goes through here (some families, e.g. Qwen3-VL, call it
+        # directly rather than through _call_hf_processor): the HF side never sees our key.
+        # The plan comes back for the post-processing that reads it (_finalize_hf_mm_data).
+        token = _PLAN.set(hf_kwargs.get(KNOB_KEY))
+        try:
+            return super()._apply_hf_processor_main(mm_items, without_knob(hf_kwargs))  # type: ignore[misc]
+        finally:
+            _PLAN.reset(token)
+
+    def _finalize_hf_mm_data(
+        self,
+        hf_data: Mapping[str, object],
+        hf_kwargs: Mapping[str, object],
+        passthrough_data: Mapping[str, object],
+        processed_data: BatchFeature | None = None,
+    ) -> BatchFeature:
+        plan = _PLAN.get()
+        if plan is not None:
+            hf_kwargs = {**hf_kwargs, KNOB_KEY: plan}
+        return super()._finalize_hf_mm_data(  # type: ignore[misc]
+            hf_data, hf_kwargs, passthrough_data, processed_data
+        )
 
     def _postprocess_hf_mm_data(
         self,

@@ -126,6 +126,12 @@ class SparseEmbedMixin:
         """Per image of this batch: its (t, h, w) token grid, where the family knows one."""
         return []
 
+    def _lm_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split an image's (N, ·) encoder output into the (N, d) embeddings the LM's input
+        receives and the (levels, N, d) features added after its first decoder layers, one
+        level per layer (Qwen3-VL's DeepStack), or None where the family has none."""
+        return feats, None
+
     def _visual_grid(self, num_visual: int, grid: Grid | None) -> tuple[int, int] | None:
         if grid is not None and grid[0] * grid[1] * grid[2] == num_visual and grid[0] == 1:
             return grid[1], grid[2]
@@ -175,10 +181,18 @@ class SparseEmbedMixin:
         elif method == "uniform":
             kept = core.uniform_indices(n, budget, self._visual_grid(n, grid))
         else:
-            fastv = method == "fastv"
+            embeds, deepstack = self._lm_features(feats)
             scores = self._attention_scores(
-                feats, prefix, suffix, score_layer, grid, fastv=fastv, version=_VERSIONS[version_id]
+                embeds,
+                prefix,
+                suffix,
+                score_layer,
+                grid,
+                fastv=method == "fastv",
+                version=_VERSIONS[version_id],
+                deepstack=deepstack,
             )
+            # whole rows: a recycled token merges its members' DeepStack features alike
             selection = core.select_visual_tokens(feats, scores, budget, recycle=bool(recycle))
             kept, recycled = selection.kept, selection.recycled
         kept = kept.to(feats.device)
@@ -203,8 +217,13 @@ class SparseEmbedMixin:
         *,
         fastv: bool,
         version: str,
+        deepstack: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(N,) importance of each visual token, from layer ``layer``'s rater attention."""
+        """(N,) importance of each visual token, from layer ``layer``'s rater attention.
+
+        ``feats`` are the (N, d) LM input embeddings of the image; ``deepstack`` its
+        (levels, N, d) features added after the first layers, if the family has them.
+        """
         lm = self.get_language_model()  # type: ignore[attr-defined]
         device = feats.device
         prefix, suffix = prefix.to(device), suffix.to(device)
@@ -223,7 +242,11 @@ class SparseEmbedMixin:
         rows = (raters + p + (n if len(suffix_emb) else 0)).long()
         positions = self._probe_positions(p, n, len(suffix_emb), grid, device)
         layers = lm.model.layers
-        out = probe_layer(layers, embeds, positions, layer, rows)
+        added = None
+        if deepstack is not None:  # level i joins the visual rows after layer i
+            added = embeds.new_zeros(len(deepstack), *embeds.shape)
+            added[:, p : p + n] = deepstack.to(embeds.dtype)
+        out = probe_layer(layers, embeds, positions, layer, rows, added=added)
         visual = slice(p, p + n)
         probs = core.rater_attention(out.q, out.k, rows, visual, scale=out.scaling)  # (H, R, N)
         heads_local = probs.shape[0]

@@ -1,0 +1,149 @@
+"""What the Qwen-VL families (2.5-VL, 3-VL) share at the seam: flat patch inputs and M-RoPE.
+
+An image is ``<|vision_start|>``, (t·h·w)/merge² pads, ``<|vision_end|>``; its tokens carry
+3-D (t, h, w) rotary positions and the text after it continues from the image's largest
+position + 1. Only the pads are cut to K; the markers stay.
+
+Positions of a pruned image (documented in docs/ALGORITHM.md): vLLM fixes every request's
+M-RoPE positions when it is scheduled, before the vision tower has run, so *which* tokens
+survive is not known yet; the CPU model runner also never re-reads positions after the encoder
+(vLLM's EVS recompute path is GPU-runner only). So the K kept tokens get **compact** positions:
+K consecutive 1-D positions (t = h = w) right after the text before them, and the text after the
+image continues at +K, exactly as in LLaVA-1.5's pruned (compacted) sequence. The scoring probe,
+which runs before any of this, sees the image with its true (t, h, w) positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
+
+from sparse_plugin.models._processing import item_budget
+from sparse_plugin.models._selection import Grid
+
+Block = tuple[int, np.ndarray]  # (prompt offset, (3, n) positions relative to the block's base)
+
+
+def text_positions(length: int, start: int) -> np.ndarray:
+    """(3, length): text advances one position per token on all three axes."""
+    return np.broadcast_to(np.arange(length), (3, length)) + start
+
+
+def grid_positions(t: int, h: int, w: int) -> np.ndarray:
+    """(3, t·h·w) relative (t, h, w) positions of an unpruned image's tokens, row-major."""
+    return np.indices((t, h, w)).reshape(3, -1)
+
+
+def kept_of(feature: Any) -> int | None:
+    """K for a pruned image feature (a MultiModalFeatureSpec), None when it is not pruned."""
+    return item_budget(feature.data) if feature.modality == "image" else None
+
+
+def layout(length: int, blocks: Iterable[Block]) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions (3, length) of a prompt whose multimodal blocks are placed as given.
+
+    Text between blocks continues at the previous largest position + 1; each block is offset to
+    where its text stops. Returns vLLM's (positions, mrope_position_delta).
+    """
+    pieces: list[np.ndarray] = []
+    cursor = 0  # next prompt index not yet given a position
+    for offset, relative in blocks:
+        start = int(pieces[-1].max()) + 1 if pieces else 0
+        pieces.append(text_positions(offset - cursor, start))
+        pieces.append(relative + start + offset - cursor)
+        cursor = offset + relative.shape[1]
+    if cursor < length:
+        start = int(pieces[-1].max()) + 1 if pieces else 0
+        pieces.append(text_positions(length - cursor, start))
+    positions = np.concatenate(pieces, axis=1).reshape(3, -1)
+    return torch.from_numpy(positions), int(positions.max()) + 1 - length
+
+
+class QwenImageCount:
+    """Image token id and unpruned count for vLLM's Qwen-VL processing infos."""
+
+    info: Any
+
+    def _image_token_id(self) -> int:
+        return int(self.info.get_hf_config().image_token_id)
+
+    def _num_image_tokens(
+        self, mm_items: MultiModalDataItems, item_idx: int, hf_kwargs: Mapping[str, object]
+    ) -> int:
+        # Same resize rule as the HF processor, with this request's min/max pixels if it set any.
+        size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+        return int(
+            self.info.get_num_image_tokens(
+                image_width=size.width,
+                image_height=size.height,
+                image_processor=self.info.get_image_processor(**hf_kwargs),
+                mm_kwargs=hf_kwargs,
+            )
+        )
+
+
+class QwenImageHooks:
+    """SparseEmbedMixin hooks for a Qwen-VL model class (put it before SparseEmbedMixin)."""
+
+    config: Any
+    is_multimodal_pruning_enabled: bool
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        if self.is_multimodal_pruning_enabled:
+            # EVS appends position columns to the embeddings; SparseVLM selects and merges rows.
+            raise ValueError(
+                "SparseVLM image pruning cannot be combined with --video-pruning-rate (EVS); "
+                "start vLLM without it, or with VLLM_PLUGINS='' to use EVS alone"
+            )
+
+    def _image_grids(self, kwargs: dict[str, object]) -> list[Grid | None]:
+        grid_thw = kwargs.get("image_grid_thw")
+        if grid_thw is None:
+            return []
+        rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw)
+        merge = self.config.vision_config.spatial_merge_size
+        out: list[Grid | None] = []
+        for row in rows:
+            t, h, w = (int(v) for v in (row.tolist() if isinstance(row, torch.Tensor) else row))
+            out.append((t, h // merge, w // merge))
+        return out
+
+    def _item_subset(self, kwargs: dict[str, object], idxs: list[int]) -> dict[str, object]:
+        """Images ``idxs`` of a batch: ``pixel_values`` / ``image_embeds`` are flat (every
+        image's patch rows concatenated, t·h·w each, merge² fewer for embeddings)."""
+        grid_thw = kwargs["image_grid_thw"]
+        assert isinstance(grid_thw, torch.Tensor)
+        patches = grid_thw.prod(-1)
+        out: dict[str, object] = {**kwargs, "image_grid_thw": grid_thw[idxs]}
+        merge = self.config.vision_config.spatial_merge_size
+        for name, per_image in (("pixel_values", patches), ("image_embeds", patches // merge**2)):
+            flat = kwargs.get(name)
+            if isinstance(flat, torch.Tensor):
+                rows = per_image.tolist()
+                starts = [sum(rows[:i]) for i in range(len(rows))]
+                out[name] = torch.cat([flat[starts[i] : starts[i] + rows[i]] for i in idxs])
+        return out
+
+    def _probe_positions(
+        self, prefix: int, num_visual: int, suffix: int, grid: Grid | None, device: torch.device
+    ) -> torch.Tensor:
+        """The unpruned M-RoPE positions of prefix | image (t, h, w grid) | suffix, (3, L)."""
+        if grid is None or grid[0] * grid[1] * grid[2] != num_visual:
+            raise ValueError(f"image grid {grid} does not match its {num_visual} visual tokens")
+        positions, _ = layout(prefix + num_visual + suffix, [(prefix, grid_positions(*grid))])
+        return positions.to(device)
+
+    # GPU: the encoder CUDA-graph path skips embed_multimodal, hence the pruning.
+    def get_encoder_cudagraph_config(self) -> Any:
+        config = super().get_encoder_cudagraph_config()  # type: ignore[misc]
+        try:
+            config.modalities = []
+        except (AttributeError, TypeError):  # a frozen dataclass
+            config = replace(config, modalities=[])
+        return config
