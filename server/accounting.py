@@ -2,7 +2,8 @@
 
 ``kept`` always comes from what vLLM reports it processed (``prompt_tokens_details``);
 ``original`` is what the same images take unpruned, from the model's geometry: a fixed count for
-LLaVA-1.5, the checkpoint's own HF processor's count per image size for LLaVA-NeXT and Qwen2.5-VL.
+LLaVA-1.5, the checkpoint's own HF processor's count per image size for LLaVA-NeXT, Qwen2.5-VL
+and Qwen3-VL.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 Size = tuple[int, int]  # (width, height)
 # Model types whose image token count depends on the image size (counted by their HF processor).
-SIZE_DEPENDENT = {"llava_next", "qwen2_5_vl"}
+SIZE_DEPENDENT = {"llava_next", "qwen2_5_vl", "qwen3_vl"}
 
 
 def processor_counter(model_dir: Path) -> Callable[[Sequence[Size]], list[int]]:

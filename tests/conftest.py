@@ -84,6 +84,14 @@ def qwen_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[V
     )
 
 
+@pytest.fixture(scope="session")
+def qwen3_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
+    trace = tmp_path_factory.mktemp("trace-qwen3") / "selection.jsonl"
+    yield from serve_traced(
+        fixture_models["qwen3-vl"], trace, max_model_len=8192, block_size=BLOCK_SIZE
+    )
+
+
 def image_data_url(img: object, fmt: str = "PNG") -> str:
     """A PIL image as a ``data:`` URL for OpenAI image_url parts."""
     buf = io.BytesIO()

@@ -59,20 +59,22 @@ class SparseQwen3VLForConditionalGeneration(
             return super().get_mrope_input_positions(input_tokens, mm_features)
         blocks = []
         for feature in ordered:
+            # vLLM's frames of this item: one for an image, one per frame for a video
+            frames = list(
+                self._iter_mm_grid_hw(
+                    input_tokens,
+                    [feature],
+                    video_token_id=self.config.video_token_id,
+                    vision_start_token_id=self.config.vision_start_token_id,
+                    vision_end_token_id=self.config.vision_end_token_id,
+                    spatial_merge_size=self.config.vision_config.spatial_merge_size,
+                )
+            )
             k = kept_of(feature)
-            if k is not None:  # pruned: K compact positions
+            if k is not None and k < frames[0][1] * frames[0][2]:  # pruned: K compact positions
                 blocks.append((feature.mm_position.offset, text_positions(k, 0)))
                 continue
-            # as vLLM: an image's (1, h, w) grid; a video's, frame by frame
-            for offset, h, w, n in self._iter_mm_grid_hw(
-                input_tokens,
-                [feature],
-                video_token_id=self.config.video_token_id,
-                vision_start_token_id=self.config.vision_start_token_id,
-                vision_end_token_id=self.config.vision_end_token_id,
-                spatial_merge_size=self.config.vision_config.spatial_merge_size,
-            ):
-                assert n == h * w, "EVS is refused at start-up; every frame keeps its grid"
+            for offset, h, w, _ in frames:  # as vLLM: each frame's (1, h, w) grid
                 blocks.append((offset, grid_positions(1, h, w)))
         return layout(len(input_tokens), blocks)
 

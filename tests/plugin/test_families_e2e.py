@@ -1,9 +1,10 @@
-"""SparseVLM inside real vLLM engines on the LLaVA-NeXT and Qwen2.5-VL fixtures (issue 5).
+"""SparseVLM inside real vLLM engines on the LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL fixtures.
 
 Same guarantees as the LLaVA-1.5 tests, per family: off == stock vLLM; prompt lengths equal the
 family's independent token formula minus the savings for several image sizes; no cross-question
 cache leaks; prefix caching still hits; mixed batches equal solo runs; bad knobs are 400s; the
-engine counters are exact. Qwen2.5-VL's M-RoPE positions are checked in test_qwen_positions.py.
+engine counters are exact. The Qwen families' M-RoPE positions and Qwen3-VL's DeepStack are checked
+against HF transformers in test_qwen_positions.py, its probe in test_qwen3_probe.py.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from tests.vllm_server import VllmServer
 
 pytestmark = pytest.mark.engine
 
-FAMILIES = ["llava-next", "qwen2.5-vl"]
-SERVER_FIXTURE = {"llava-next": "llava_next_server", "qwen2.5-vl": "qwen_server"}
+FAMILIES = ["llava-next", "qwen2.5-vl", "qwen3-vl"]
+SERVER_FIXTURE = {
+    "llava-next": "llava_next_server",
+    "qwen2.5-vl": "qwen_server",
+    "qwen3-vl": "qwen3_server",
+}
 Q1 = "What color is the circle?"
 Q2 = "How many triangles are there?"
 LOGPROB_TOL = 1e-4

@@ -1,13 +1,16 @@
-"""Qwen2.5-VL M-RoPE positions after pruned images, checked against HF transformers (issue 5).
+"""Qwen-VL M-RoPE positions (2.5-VL, 3-VL) and Qwen3-VL's DeepStack after pruned images,
+checked against HF transformers.
 
 The reference runs without vLLM: HF's own vision tower and language model, the image features
 cut to the same K tokens (the ``uniform`` method: its indices depend only on the grid, so the
 reference can pick them independently of the engine), and positions written out by hand from
 the rule in docs/ALGORITHM.md: text and pruned images advance one position per token on all
 three axes; an unpruned image keeps its (t, h, w) grid and the text after it resumes at max + 1.
-Greedy tokens and their logprobs from the engine must equal the reference's. The same reference
-with vLLM's *unpruned-style* positions (the grid extent kept) must not match, or this test
-could not catch a wrong position rule.
+For Qwen3-VL the reference also hands HF's decoder the DeepStack features of exactly the kept
+tokens, at the kept tokens' positions. Greedy tokens and their logprobs from the engine must
+equal the reference's. The same reference with vLLM's *unpruned-style* positions (the grid
+extent kept), or with the DeepStack features of other tokens, must not match, or this test could
+not catch a wrong position rule or a wrong DeepStack selection.
 """
 
 from __future__ import annotations
@@ -18,93 +21,66 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 from sparse_plugin.core import uniform_indices
 from tests.plugin.conftest import Answer, Chat, chat_body, shapes_image
-from tests.vllm_server import VllmServer
+from tests.plugin.qwen_reference import QwenReference
 
 pytestmark = pytest.mark.engine
 
 QUESTION = "What shape is the red object?"
 STEPS = 4
 LOGPROB_TOL = 2e-3  # vLLM's CPU attention vs. PyTorch SDPA, fp32
+FAMILIES = {
+    "qwen2.5-vl": ("qwen_server", Qwen2_5_VLForConditionalGeneration),
+    "qwen3-vl": ("qwen3_server", Qwen3VLForConditionalGeneration),
+}
 
 
-class Reference:
-    def __init__(self, model_dir: Path) -> None:
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_dir, dtype=torch.float32
-        ).eval()
-        self.config = self.model.config
-        self.merge = self.config.vision_config.spatial_merge_size
+@torch.no_grad()
+def reference_answer(
+    ref: QwenReference,
+    images: list[Image.Image],
+    budget: int,
+    compact: bool = True,
+    deepstack: str = "kept",
+) -> tuple[list[int], list[float]]:
+    """Greedy (token ids, logprobs); every image of more than ``budget`` tokens pruned.
 
-    @torch.no_grad()
-    def answer(self, images: list[Image.Image], budget: int, compact: bool = True):
-        """Greedy (token ids, logprobs); every image of more than ``budget`` tokens pruned."""
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
-        text = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
-        x = self.processor(images=images, text=text, return_tensors="pt")
-        feats = self.model.model.get_image_features(x["pixel_values"], x["image_grid_thw"])
-        feats = feats.pooler_output
-        ids = x["input_ids"][0].tolist()
-        embed = self.model.model.language_model.embed_tokens
-        rows: list[torch.Tensor] = []
-        pos: list[list[int]] = []  # (t, h, w) per token
-        nxt, i, image = 0, 0, 0
-        while i < len(ids):
-            if ids[i] != self.config.image_token_id:
-                rows.append(embed(torch.tensor([ids[i]])))
-                pos.append([nxt] * 3)
-                nxt, i = nxt + 1, i + 1
-                continue
-            t, h, w = (int(v) for v in x["image_grid_thw"][image])
-            h, w = h // self.merge, w // self.merge
-            n = t * h * w
-            f = feats[image]
-            if budget < n:
-                kept = uniform_indices(n, budget, (h, w))
-                rows.append(f[kept])
-                if compact:
-                    pos += [[nxt + j] * 3 for j in range(budget)]
-                    nxt += budget
-                else:  # the rule we rejected: kept tokens on a grid, text after at grid extent
-                    pos += [[nxt, int(k) // w + nxt, int(k) % w + nxt] for k in kept]
-                    nxt += max(h, w)
-            else:
-                rows.append(f)
-                pos += [[nxt, nxt + r, nxt + c] for r in range(h) for c in range(w)]
-                nxt += max(h, w)
-            i += n
-            image += 1
-        embeds = torch.cat(rows)[None]
-        positions = torch.tensor(pos).T[:, None, :]  # (3, 1, L)
-        tokens, logprobs = [], []
-        for _ in range(STEPS):
-            hidden = self.model.model.language_model(
-                inputs_embeds=embeds, position_ids=positions, use_cache=False
-            ).last_hidden_state
-            logp = torch.log_softmax(self.model.lm_head(hidden[0, -1]).float(), -1)
-            tok = int(logp.argmax())
-            tokens.append(tok)
-            logprobs.append(float(logp[tok]))
-            embeds = torch.cat([embeds, embed(torch.tensor([[tok]]))], dim=1)
-            step = positions[:, :, -1:].amax(0, keepdim=True).expand(3, -1, -1) + 1
-            positions = torch.cat([positions, step], -1)
-        return tokens, logprobs
+    ``deepstack``: "kept" (the kept tokens' own levels, as the model must get them) or
+    "first" (the levels of the first K tokens instead: a wrong selection the test must see).
+    """
+    x = ref.inputs(images, QUESTION)
+    seq = ref.sequence(
+        x,
+        lambda n, grid: uniform_indices(n, budget, grid) if budget < n else None,
+        compact=compact,
+        deepstack_rows=(lambda kept: torch.arange(len(kept))) if deepstack == "first" else None,
+    )
+    tokens, logprobs = [], []
+    for _ in range(STEPS):
+        logp = torch.log_softmax(ref.logits(seq)[-1].float(), -1)
+        tok = int(logp.argmax())
+        tokens.append(tok)
+        logprobs.append(float(logp[tok]))
+        seq = seq.extended(ref.embed(torch.tensor([tok])))
+    return tokens, logprobs
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def reference(fixture_models: dict[str, Path]) -> Reference:
-    return Reference(fixture_models["qwen2.5-vl"])
+def reference(fixture_models: dict[str, Path], family: str) -> QwenReference:
+    return QwenReference(fixture_models[family], FAMILIES[family][1])
 
 
 @pytest.fixture(scope="module")
-def qwen_chat(qwen_server: VllmServer) -> Chat:
-    return Chat(qwen_server)
+def qwen_chat(family: str, request) -> Chat:
+    return Chat(request.getfixturevalue(FAMILIES[family][0]))
 
 
 def engine_answer(chat: Chat, images, budget: int):
@@ -121,17 +97,20 @@ def engine_answer(chat: Chat, images, budget: int):
     [
         ([(336, 336), (800, 600)], 40),  # two pruned images of different sizes
         ([(40, 30), (300, 900)], 20),  # a 6-token image left whole (grid), then a pruned one
-        ([(1000, 260), (336, 336)], 150),  # first pruned, second (144 tokens) left whole
+        ([(1000, 260), (336, 336)], 150),  # first pruned, second (144 / 100 tokens) left whole
     ],
 )
 def test_positions_after_pruned_images_match_the_reference(
-    qwen_chat: Chat, reference: Reference, sizes, budget
+    qwen_chat: Chat, reference: QwenReference, sizes, budget
 ):
     images = [shapes_image(i).resize(s) for i, s in enumerate(sizes)]
     tokens, logprobs = engine_answer(qwen_chat, images, budget)
-    ref_tokens, ref_logprobs = reference.answer(images, budget)
+    ref_tokens, ref_logprobs = reference_answer(reference, images, budget)
     assert tokens == ref_tokens
     assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_TOL)
     # The rejected rule changes the numbers: this comparison can fail.
-    _, wrong = reference.answer(images, budget, compact=False)
+    _, wrong = reference_answer(reference, images, budget, compact=False)
     assert wrong != pytest.approx(logprobs, abs=LOGPROB_TOL)
+    if reference.has_deepstack:  # so does handing the LM the DeepStack features of other tokens
+        _, wrong = reference_answer(reference, images, budget, deepstack="first")
+        assert wrong != pytest.approx(logprobs, abs=LOGPROB_TOL)

@@ -28,7 +28,7 @@ def test_unknown_size_means_no_visual_usage(fixture_models: dict[str, Path]):
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("server_fixture", ["llava_next_server", "qwen_server"])
+@pytest.mark.parametrize("server_fixture", ["llava_next_server", "qwen_server", "qwen3_server"])
 def test_gateway_usage_for_size_dependent_families(request, server_fixture):
     """Through the gateway: original from the processor, saved == the measured prompt drop."""
     import httpx
@@ -38,7 +38,11 @@ def test_gateway_usage_for_size_dependent_families(request, server_fixture):
     from tests.plugin.conftest import shapes_image
 
     engine = request.getfixturevalue(server_fixture)
-    family = {"llava_next_server": "llava-next", "qwen_server": "qwen2.5-vl"}[server_fixture]
+    family = {
+        "llava_next_server": "llava-next",
+        "qwen_server": "qwen2.5-vl",
+        "qwen3_server": "qwen3-vl",
+    }[server_fixture]
     gw = start_gateway(gateway_settings(engine.url, Path(engine.model)))
     try:
         sizes = [(800, 600), (300, 900)]

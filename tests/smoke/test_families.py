@@ -23,12 +23,12 @@ Size = tuple[int, int]  # (width, height)
 # Square, 4:3, tall 1:3, wide ~4:1, tiny (Qwen upscales to min_pixels), 20:1 strip.
 # No size is a float tie of the Qwen resize (e.g. 1000 x 250: 250 / beta is exactly 8 x 28).
 EXPECTED: dict[Size, dict[str, int]] = {
-    (336, 336): {"llava-1.5": 576, "llava-next": 1176, "qwen2.5-vl": 144},
-    (800, 600): {"llava-1.5": 576, "llava-next": 2340, "qwen2.5-vl": 234},
-    (300, 900): {"llava-1.5": 576, "llava-next": 2376, "qwen2.5-vl": 243},
-    (1000, 260): {"llava-1.5": 576, "llava-next": 1890, "qwen2.5-vl": 248},
-    (40, 30): {"llava-1.5": 576, "llava-next": 1368, "qwen2.5-vl": 6},
-    (2000, 100): {"llava-1.5": 576, "llava-next": 868, "qwen2.5-vl": 213},
+    (336, 336): {"llava-1.5": 576, "llava-next": 1176, "qwen2.5-vl": 144, "qwen3-vl": 100},
+    (800, 600): {"llava-1.5": 576, "llava-next": 2340, "qwen2.5-vl": 234, "qwen3-vl": 234},
+    (300, 900): {"llava-1.5": 576, "llava-next": 2376, "qwen2.5-vl": 243, "qwen3-vl": 252},
+    (1000, 260): {"llava-1.5": 576, "llava-next": 1890, "qwen2.5-vl": 248, "qwen3-vl": 248},
+    (40, 30): {"llava-1.5": 576, "llava-next": 1368, "qwen2.5-vl": 6, "qwen3-vl": 6},
+    (2000, 100): {"llava-1.5": 576, "llava-next": 868, "qwen2.5-vl": 213, "qwen3-vl": 186},
 }
 SIZES = list(EXPECTED)
 
@@ -65,10 +65,12 @@ def llava_next_tokens(width: int, height: int) -> int:
     return 576 + rows * cols + rows
 
 
-def qwen_resized(width: int, height: int) -> Size:
-    """Qwen2.5-VL resize: sides to multiples of 28 (14-px patch x 2 merge), area within
-    [min_pixels, max_pixels] of the fixture's processor (56*56, 28*28*256), aspect kept."""
-    factor, lo, hi = 28, 56 * 56, 28 * 28 * 256
+def qwen_resized(
+    width: int, height: int, factor: int = 28, lo: int = 56 * 56, hi: int = 28 * 28 * 256
+) -> Size:
+    """Qwen-VL resize: sides to multiples of ``factor`` (patch x 2 merge), area within
+    [lo, hi] (the fixture processor's min/max pixels), aspect kept. Defaults: Qwen2.5-VL's
+    14-px patches and the fixture's 56*56 .. 28*28*256."""
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > hi:
         beta = math.sqrt(height * width / hi)
@@ -87,19 +89,28 @@ def qwen_tokens(width: int, height: int) -> int:
     return (h // 14) * (w // 14) // 4
 
 
+def qwen3_tokens(width: int, height: int) -> int:
+    """Qwen3-VL: 16-px patches, so one token per 32 x 32 px of the resized image; the fixture's
+    processor keeps 4 .. 256 tokens (32*32*4 .. 32*32*256 pixels)."""
+    w, h = qwen_resized(width, height, factor=32, lo=32 * 32 * 4, hi=32 * 32 * 256)
+    return (h // 32) * (w // 32)
+
+
 FORMULAS: dict[str, Callable[[int, int], int]] = {
     "llava-1.5": llava15_tokens,
     "llava-next": llava_next_tokens,
     "qwen2.5-vl": qwen_tokens,
+    "qwen3-vl": qwen3_tokens,
 }
 SERVERS = {
     "llava-1.5": "llava_server",
     "llava-next": "llava_next_server",
     "qwen2.5-vl": "qwen_server",
+    "qwen3-vl": "qwen3_server",
 }
 # Template tokens around each image besides its placeholders: "\n" after <image> for LLaVA;
 # <|vision_start|> and <|vision_end|> for Qwen.
-TEMPLATE_TOKENS_PER_IMAGE = {"llava-1.5": 1, "llava-next": 1, "qwen2.5-vl": 2}
+TEMPLATE_TOKENS_PER_IMAGE = {"llava-1.5": 1, "llava-next": 1, "qwen2.5-vl": 2, "qwen3-vl": 2}
 
 
 @pytest.mark.parametrize("family", list(FORMULAS))
@@ -163,7 +174,7 @@ def test_two_images_generate_with_the_sum_of_their_token_counts(family: str, req
     assert two["usage"]["completion_tokens"] >= 1
 
 
-@pytest.mark.parametrize("family", ["llava-next", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["llava-next", "qwen2.5-vl", "qwen3-vl"])
 def test_fixture_build_is_deterministic(family: str, tmp_path: Path, fixture_models):
     from sparse_plugin.fixtures import make_fixtures
 
