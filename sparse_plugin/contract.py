@@ -47,6 +47,15 @@ class SparsityKnob(BaseModel):
         "(docs/BENCHMARKS.md).",
     )
     version: Version = Field("v1.5", description="`v1.5` (paper, ICML) or `v2` (SparseVLM+).")
+    coverage: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Spread the kept tokens over the relevant content instead of taking the "
+        "top-scored ones (relevance-conditioned DPP, docs/ALGORITHM.md): 0 < c ≤ 1, larger "
+        "spreads more, 1 ignores relevance; unset = plain top-K. Methods `sparsevlm` and "
+        "`fastv` only.",
+    )
     score_layer: int = Field(
         2,
         ge=0,
@@ -69,6 +78,11 @@ class SparsityKnob(BaseModel):
             raise ValueError("give either visual_tokens or keep_ratio, not both")
         if self.method == "off" and self.max_visual_tokens is not None:
             raise ValueError("method 'off' keeps every token: it takes no max_visual_tokens")
+        if self.coverage is not None and self.method not in ("sparsevlm", "fastv"):
+            raise ValueError(
+                f"coverage spreads a score-based selection: it needs method 'sparsevlm' or "
+                f"'fastv', not {self.method!r}"
+            )
         if self.method != "off" and self.visual_tokens is None and self.keep_ratio is None:
             raise ValueError("pruning needs a budget: set visual_tokens or keep_ratio")
         return self
@@ -111,6 +125,7 @@ class SparsityKnob(BaseModel):
             "recycle": self.recycle_enabled,
             "version": self.version,
             "score_layer": self.score_layer,
+            "coverage": self.coverage,
         }
 
 

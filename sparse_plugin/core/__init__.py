@@ -15,6 +15,7 @@ from .budget import (
     split_budget,
     stage_keep,
 )
+from .coverage import coverage_indices
 from .raters import select_raters, text_relevance
 from .recycle import dpc_knn_clusters, recycle_tokens
 from .scores import guard_gravity, head_mass, rope_gravity, score_v2, score_v15
@@ -34,6 +35,7 @@ __all__ = [
     "Selection",
     "adaptive_keep",
     "budget_schedule",
+    "coverage_indices",
     "dpc_knn_clusters",
     "guard_gravity",
     "head_mass",

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .budget import split_budget
+from .coverage import coverage_indices
 from .recycle import recycle_tokens
 
 
@@ -23,13 +24,30 @@ def top_k_sorted(scores: Tensor, k: int) -> Tensor:
     return order[:k].sort().values
 
 
-def select_visual_tokens(visual: Tensor, scores: Tensor, budget: int, recycle: bool) -> Selection:
-    """(N, d) tokens, (N,) scores -> Selection of exactly min(K, N) tokens."""
+def select_visual_tokens(
+    visual: Tensor,
+    scores: Tensor,
+    budget: int,
+    recycle: bool,
+    coverage: float | None = None,
+    features: Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+) -> Selection:
+    """(N, d) tokens, (N,) scores -> Selection of exactly min(K, N) tokens.
+
+    ``coverage`` (0 < c ≤ 1): keep by relevance-conditioned DPP over ``features`` (default the
+    tokens themselves; ``grid`` their (rows, cols) layout, if any) instead of plain top-K
+    (coverage.py).
+    """
     n = visual.shape[0]
     if budget >= n:
         return Selection(torch.arange(n, device=visual.device), visual[:0])
     kept_n, clusters = split_budget(n, budget, recycle)
-    kept = top_k_sorted(scores, kept_n)
+    if coverage:
+        feats = visual if features is None else features
+        kept = coverage_indices(feats, scores, kept_n, coverage, grid)
+    else:
+        kept = top_k_sorted(scores, kept_n)
     mask = torch.ones(n, dtype=torch.bool, device=visual.device)
     mask[kept] = False
     recycled = recycle_tokens(visual, scores, torch.nonzero(mask).flatten(), clusters)

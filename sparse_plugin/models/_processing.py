@@ -42,7 +42,8 @@ DEFAULT_KNOB_ENV = "SPARSEVLM_DEFAULT"
 """Server-side default knob (JSON), applied to requests that carry none."""
 
 # Per-item tensors handed to the model executor (declared batched, kept on CPU).
-PARAMS_FIELD = "sparsevlm_params"  # LongTensor (5,): method, budget, recycle, version, score_layer
+PARAMS_FIELD = "sparsevlm_params"  # LongTensor (6,): method, budget, recycle, version, score_layer,
+# coverage in millionths (0: plain top-K)
 PREFIX_FIELD = (
     "sparsevlm_prefix"  # LongTensor (P,): prompt ids before the image (other images dropped)
 )
@@ -52,6 +53,7 @@ SUFFIX_FIELD = (
 IMAGE_KEY_FIELD = "sparsevlm_image_key"  # uint8 (32,): the image's text-free content identity
 FIELDS = (PARAMS_FIELD, PREFIX_FIELD, SUFFIX_FIELD, IMAGE_KEY_FIELD)
 
+COVERAGE_SCALE = 1_000_000  # the knob's coverage travels as an integer in the params tensor
 METHOD_IDS = {"sparsevlm": 0, "random": 1, "uniform": 2, "fastv": 3}
 VERSION_IDS = {"v1.5": 0, "v2": 1}
 
@@ -306,6 +308,7 @@ class SparseProcessorMixin:
                         int(knob.recycle_enabled),
                         VERSION_IDS[knob.version],
                         knob.score_layer,
+                        round((knob.coverage or 0.0) * COVERAGE_SCALE),
                     ],
                     dtype=torch.long,
                 )
@@ -314,7 +317,7 @@ class SparseProcessorMixin:
             prefixes.append(torch.tensor(prefix, dtype=torch.long))
             suffixes.append(torch.tensor(suffix, dtype=torch.long))
             keys.append(content_key(plan["stock_hashes"]["image"][ordinal]))
-        processed[PARAMS_FIELD] = torch.stack(params) if params else torch.empty(0, 5)
+        processed[PARAMS_FIELD] = torch.stack(params) if params else torch.empty(0, 6)
         processed[PREFIX_FIELD] = prefixes
         processed[SUFFIX_FIELD] = suffixes
         processed[IMAGE_KEY_FIELD] = (

@@ -26,6 +26,7 @@ from sparse_plugin.models._probe import (
     tp_world_size,
 )
 from sparse_plugin.models._processing import (
+    COVERAGE_SCALE,
     IMAGE_KEY_FIELD,
     METHOD_IDS,
     PARAMS_FIELD,
@@ -170,7 +171,9 @@ class SparseEmbedMixin:
         grid: Grid | None = None,
         **trace: str,
     ) -> torch.Tensor:
-        method_id, budget, recycle, version_id, score_layer = (int(x) for x in params.tolist())
+        method_id, budget, recycle, version_id, score_layer, coverage = (
+            int(x) for x in params.tolist()
+        )
         method = _METHODS[method_id]
         n = feats.shape[0]
         if budget >= n:
@@ -193,7 +196,15 @@ class SparseEmbedMixin:
                 deepstack=deepstack,
             )
             # whole rows: a recycled token merges its members' DeepStack features alike
-            selection = core.select_visual_tokens(feats, scores, budget, recycle=bool(recycle))
+            selection = core.select_visual_tokens(
+                feats,
+                scores,
+                budget,
+                recycle=bool(recycle),
+                coverage=coverage / COVERAGE_SCALE or None,
+                features=embeds,
+                grid=self._visual_grid(n, grid),
+            )
             kept, recycled = selection.kept, selection.recycled
         kept = kept.to(feats.device)
         _trace(
