@@ -102,6 +102,29 @@ class QwenImageHooks:
                 "start vLLM without it, or with VLLM_PLUGINS='' to use EVS alone"
             )
 
+    # -- M-RoPE positions of the pruned prompt -----------------------------------------------
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[Any]
+    ) -> tuple[torch.Tensor, int]:
+        ordered = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        if all(kept_of(f) is None for f in ordered):
+            return super().get_mrope_input_positions(input_tokens, mm_features)  # type: ignore[misc]
+        blocks: list[Block] = []
+        for feature, unpruned in zip(
+            ordered, self._unpruned_blocks(input_tokens, ordered), strict=True
+        ):
+            k = kept_of(feature)
+            if k is not None and k < unpruned[0][1].shape[1]:  # pruned: K compact positions
+                blocks.append((feature.mm_position.offset, text_positions(k, 0)))
+            else:
+                blocks += unpruned
+        return layout(len(input_tokens), blocks)
+
+    def _unpruned_blocks(self, input_tokens: list[int], ordered: list[Any]) -> list[list[Block]]:
+        """Per multimodal item (in prompt order), its positions as vLLM gives them unpruned:
+        one block for an image, one or more for a video (the family's own rule)."""
+        raise NotImplementedError
+
     def _image_grids(self, kwargs: dict[str, object]) -> list[Grid | None]:
         grid_thw = kwargs.get("image_grid_thw")
         if grid_thw is None:

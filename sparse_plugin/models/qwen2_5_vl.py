@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -21,14 +20,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from sparse_plugin.models._processing import SparseProcessorMixin
-from sparse_plugin.models._qwen import (
-    QwenImageCount,
-    QwenImageHooks,
-    grid_positions,
-    kept_of,
-    layout,
-    text_positions,
-)
+from sparse_plugin.models._qwen import Block, QwenImageCount, QwenImageHooks, grid_positions
 from sparse_plugin.models._selection import SparseEmbedMixin
 
 
@@ -50,22 +42,11 @@ class SparseQwen2_5_VLForConditionalGeneration(
 ):
     """Qwen2.5-VL whose image embeddings are pruned to K rows, with positions to match."""
 
-    def get_mrope_input_positions(
-        self, input_tokens: list[int], mm_features: list[Any]
-    ) -> tuple[torch.Tensor, int]:
-        ordered = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        kept = [kept_of(f) for f in ordered]
-        if all(k is None for k in kept):
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        blocks = []
-        for k, (offset, t, h, w, t_factor) in zip(
-            kept, self.iter_mm_grid_thw(mm_features), strict=True
-        ):
-            if k is not None and k < t * h * w:  # pruned: K compact positions
-                blocks.append((offset, text_positions(k, 0)))
-                continue
+    def _unpruned_blocks(self, input_tokens: list[int], ordered: list[Any]) -> list[list[Block]]:
+        out = []
+        for offset, t, h, w, t_factor in self.iter_mm_grid_thw(ordered):
             grid = grid_positions(t, h, w)  # as vLLM: t scaled to seconds for videos
             if t_factor != 1.0:
                 grid[0] = (grid[0] * t_factor).astype(np.int64)
-            blocks.append((offset, grid))
-        return layout(len(input_tokens), blocks)
+            out.append([(offset, grid)])
+        return out

@@ -24,14 +24,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from sparse_plugin.models._processing import SparseProcessorMixin
-from sparse_plugin.models._qwen import (
-    QwenImageCount,
-    QwenImageHooks,
-    grid_positions,
-    kept_of,
-    layout,
-    text_positions,
-)
+from sparse_plugin.models._qwen import Block, QwenImageCount, QwenImageHooks, grid_positions
 from sparse_plugin.models._selection import SparseEmbedMixin
 
 
@@ -51,32 +44,24 @@ class SparseQwen3VLForConditionalGeneration(
 ):
     """Qwen3-VL whose image embeddings (DeepStack levels included) are pruned to K rows."""
 
-    def get_mrope_input_positions(
-        self, input_tokens: list[int], mm_features: list[Any]
-    ) -> tuple[torch.Tensor, int]:
-        ordered = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        if all(kept_of(f) is None for f in ordered):
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        blocks = []
-        for feature in ordered:
-            # vLLM's frames of this item: one for an image, one per frame for a video
-            frames = list(
-                self._iter_mm_grid_hw(
+    def _unpruned_blocks(self, input_tokens: list[int], ordered: list[Any]) -> list[list[Block]]:
+        # as vLLM: an image's (1, h, w) grid; a video's, frame by frame (each frame its own
+        # <|vision_start|> block, timestamps as text between them)
+        config = self.config
+        return [
+            [
+                (offset, grid_positions(1, h, w))
+                for offset, h, w, _ in self._iter_mm_grid_hw(
                     input_tokens,
                     [feature],
-                    video_token_id=self.config.video_token_id,
-                    vision_start_token_id=self.config.vision_start_token_id,
-                    vision_end_token_id=self.config.vision_end_token_id,
-                    spatial_merge_size=self.config.vision_config.spatial_merge_size,
+                    video_token_id=config.video_token_id,
+                    vision_start_token_id=config.vision_start_token_id,
+                    vision_end_token_id=config.vision_end_token_id,
+                    spatial_merge_size=config.vision_config.spatial_merge_size,
                 )
-            )
-            k = kept_of(feature)
-            if k is not None and k < frames[0][1] * frames[0][2]:  # pruned: K compact positions
-                blocks.append((feature.mm_position.offset, text_positions(k, 0)))
-                continue
-            for offset, h, w, _ in frames:  # as vLLM: each frame's (1, h, w) grid
-                blocks.append((offset, grid_positions(1, h, w)))
-        return layout(len(input_tokens), blocks)
+            ]
+            for feature in ordered
+        ]
 
     # -- DeepStack: the probe adds the levels after its first layers, as the model does ------
     def _lm_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

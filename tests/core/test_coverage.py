@@ -49,6 +49,25 @@ def test_small_coverage_is_top_k_and_full_coverage_ignores_relevance():
     )
 
 
+def test_on_a_grid_alike_tokens_far_apart_are_different_objects():
+    # 6x6 grid, two red 2x2 blobs with identical features and scores: top-K ties take the
+    # earliest tokens (one blob); with the grid term, coverage puts a token on each blob.
+    features = torch.zeros(36, 2)
+    features[:, 1] = 1.0  # background
+    blob_a = [0, 1, 6, 7]
+    blob_b = [28, 29, 34, 35]
+    scores = torch.zeros(36)
+    for i in blob_a + blob_b:
+        features[i] = torch.tensor([1.0, 0.0])
+        scores[i] = 1.0
+    assert core.top_k_sorted(scores, 2).tolist() == [0, 1]
+    kept = core.coverage_indices(features, scores, 2, 0.3, grid=(6, 6)).tolist()
+    assert kept[0] in blob_a and kept[1] in blob_b, kept
+    # without the grid the blobs are one "object": coverage then leaves the second for background
+    flat = core.coverage_indices(features, scores, 2, 0.3).tolist()
+    assert not (set(flat) & set(blob_b)), flat
+
+
 def test_duplicates_are_worth_little_once_one_is_kept():
     # token 1 duplicates token 0 exactly; token 2 is a different object scored a little lower
     features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])

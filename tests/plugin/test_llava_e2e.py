@@ -115,6 +115,34 @@ def test_sparsevlm_keeps_the_patches_the_question_names(guided_server):
     assert kept_red["uniform"] <= 12, kept_red
 
 
+def red_objects_image() -> tuple[Image.Image, list[set[int]]]:
+    """One big red square (6x6 patches) and three small ones (2x2) on the 14-px patch grid."""
+    img = Image.new("RGB", (336, 336), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    objects = []
+    for row, col, side in [(2, 2, 6), (3, 16, 2), (14, 5, 2), (18, 18, 2)]:
+        draw.rectangle([14 * col, 14 * row, 14 * (col + side) - 1, 14 * (row + side) - 1], RED)
+        objects.append({r * 24 + c for r in range(row, row + side) for c in range(col, col + side)})
+    return img, objects
+
+
+def test_coverage_keeps_a_token_on_every_red_object(guided_server):
+    chat = Chat(guided_server)
+    img, objects = red_objects_image()
+    trace = guided_server.trace_path
+    covered = {}
+    for coverage in (None, 0.3):
+        trace.write_text("")
+        knob = {"visual_tokens": 8, "score_layer": 0} | ({"coverage": coverage} if coverage else {})
+        assert chat([img], "How many red squares are there?", knob).status == 200
+        (record,) = [json.loads(line) for line in trace.read_text().splitlines()]
+        kept = set(record["kept"])
+        assert len(kept) == 8 and kept <= set().union(*objects)  # all on red, both ways
+        covered[coverage] = [len(kept & o) for o in objects]
+    assert all(n >= 1 for n in covered[0.3]), covered  # every relevant object keeps a token
+    assert any(n == 0 for n in covered[None]), covered  # plain top-K piles onto fewer objects
+
+
 def test_server_default_knob_applies_only_without_a_knob(guided_server):
     chat = Chat(guided_server)
     img, _ = red_block_image()
