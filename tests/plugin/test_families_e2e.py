@@ -45,8 +45,9 @@ def sized(seed: int, size: tuple[int, int]) -> Image.Image:
     return shapes_image(seed).resize(size)
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES)
 def family(request) -> str:
+    """Module-scoped, so pytest runs one family's tests together (one stock engine at a time)."""
     return request.param
 
 
@@ -56,21 +57,16 @@ def chat(family: str, request) -> Chat:
 
 
 @pytest.fixture(scope="module")
-def stock_servers(fixture_models: dict[str, Path]) -> Iterator[dict[str, VllmServer]]:
-    """Stock vLLM (plugins off) per family, for this module only (memory: engines add up)."""
-    gens = {
-        f: serve_model(fixture_models[f], plugins=False, max_model_len=8192, block_size=BLOCK_SIZE)
-        for f in FAMILIES
-    }
-    servers = {f: next(g) for f, g in gens.items()}
-    yield servers
-    for g in gens.values():
-        g.close()
+def stock_server(family: str, fixture_models: dict[str, Path]) -> Iterator[VllmServer]:
+    """Stock vLLM (plugins off) for the family under test only (memory: engines add up)."""
+    yield from serve_model(
+        fixture_models[family], plugins=False, max_model_len=8192, block_size=BLOCK_SIZE
+    )
 
 
 @pytest.fixture
-def stock_chat(family: str, stock_servers: dict[str, VllmServer]) -> Chat:
-    return Chat(stock_servers[family])
+def stock_chat(stock_server: VllmServer) -> Chat:
+    return Chat(stock_server)
 
 
 def traced(chat: Chat) -> list[dict]:
