@@ -46,8 +46,9 @@ SPEED_QUESTIONS = [
 ]
 SPEED_MODES: dict[str, dict | None] = {
     "unpruned": None,
-    f"turn scope, K={K}": {"visual_tokens": K, "scope": "turn"},
-    f"prompt scope, K={K}": {"visual_tokens": K, "scope": "prompt"},
+    # top-K (coverage 0), as the reports were measured; coverage's extra cost is in selection.md
+    f"turn scope, K={K}": {"visual_tokens": K, "scope": "turn", "coverage": 0},
+    f"prompt scope, K={K}": {"visual_tokens": K, "scope": "prompt", "coverage": 0},
 }
 
 
@@ -270,10 +271,10 @@ def plot_speed(results: dict[str, Any], meta: dict[str, Any]) -> None:
 
 
 # -- accuracy ----------------------------------------------------------------------------------
-VARIANTS = {
-    "v1.5": {"recycle": False},
-    "v1.5 + recycling": {"recycle": True},
-    "v2": {"version": "v2"},
+VARIANTS = {  # SparseVLM's top-K rule (coverage 0), as the reports were measured
+    "v1.5": {"recycle": False, "coverage": 0},
+    "v1.5 + recycling": {"recycle": True, "coverage": 0},
+    "v2": {"version": "v2", "coverage": 0},
 }
 
 

@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaModel
 
 from sparse_plugin import core
+from sparse_plugin.contract import DEFAULT_COVERAGE
 
 N_VISUAL, TEXT_BEFORE, TEXT_AFTER = 576, 5, 12
 
@@ -45,7 +46,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192])
-    ap.add_argument("--coverage", type=float, default=0.3, help="the knob's coverage c")
+    ap.add_argument("--coverage", type=float, default=DEFAULT_COVERAGE, help="coverage c")
     ap.add_argument("--out", default="docs/bench/selection.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

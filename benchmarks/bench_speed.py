@@ -187,7 +187,10 @@ def main() -> None:
         for label in args.budgets:
             k, _, layer = label.partition("@")
             k = int(k)
-            knob = None if k >= 576 else {"visual_tokens": k, "score_layer": int(layer or 2)}
+            # top-K (coverage 0): the report's setting; coverage's cost is in selection.md
+            knob = None
+            if k < 576:
+                knob = {"visual_tokens": k, "score_layer": int(layer or 2), "coverage": 0}
             k = label if layer else k
             ttft, prompt = median_ttft(server.url, lambda k=knob: body(name, k, 1), args.repeats)
             n_words = max(0, prompt - 12)

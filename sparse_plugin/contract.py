@@ -18,6 +18,10 @@ Version = Literal["v1.5", "v2"]
 Scope = Literal["turn", "prompt"]
 
 
+DEFAULT_COVERAGE = 0.2
+"""``coverage`` of a `sparsevlm` knob that does not set it (tuned on the validation split)."""
+
+
 class SparsityKnob(BaseModel):
     """How to prune one request's images; a budget ≥ an image's token count keeps it whole."""
 
@@ -49,12 +53,13 @@ class SparsityKnob(BaseModel):
     version: Version = Field("v1.5", description="`v1.5` (paper, ICML) or `v2` (SparseVLM+).")
     coverage: float | None = Field(
         None,
-        gt=0.0,
+        ge=0.0,
         le=1.0,
         description="Spread the kept tokens over the relevant content instead of taking the "
-        "top-scored ones (relevance-conditioned DPP, docs/ALGORITHM.md): 0 < c ≤ 1, larger "
-        "spreads more, 1 ignores relevance; unset = plain top-K. Methods `sparsevlm` and "
-        "`fastv` only.",
+        "top-scored ones (relevance-conditioned DPP, docs/ALGORITHM.md): larger spreads more, "
+        "1 ignores relevance, 0 is plain top-K. Unset: "
+        f"{DEFAULT_COVERAGE} for `sparsevlm` (the measured best, docs/BENCHMARKS.md), top-K for "
+        "`fastv`. Methods `sparsevlm` and `fastv` only.",
     )
     score_layer: int = Field(
         2,
@@ -92,6 +97,13 @@ class SparsityKnob(BaseModel):
         return self.method != "off"
 
     @property
+    def coverage_applied(self) -> float:
+        """The coverage c the selection uses (0: plain top-K)."""
+        if self.coverage is not None:
+            return self.coverage
+        return DEFAULT_COVERAGE if self.method == "sparsevlm" else 0.0
+
+    @property
     def recycle_enabled(self) -> bool:
         """Recycling applies to SparseVLM only, and only when asked for."""
         return self.method == "sparsevlm" and bool(self.recycle)
@@ -125,7 +137,7 @@ class SparsityKnob(BaseModel):
             "recycle": self.recycle_enabled,
             "version": self.version,
             "score_layer": self.score_layer,
-            "coverage": self.coverage,
+            "coverage": self.coverage_applied if self.method in ("sparsevlm", "fastv") else None,
         }
 
 

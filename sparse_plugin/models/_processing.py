@@ -308,7 +308,7 @@ class SparseProcessorMixin:
                         int(knob.recycle_enabled),
                         VERSION_IDS[knob.version],
                         knob.score_layer,
-                        round((knob.coverage or 0.0) * COVERAGE_SCALE),
+                        round(knob.coverage_applied * COVERAGE_SCALE),
                     ],
                     dtype=torch.long,
                 )

@@ -76,7 +76,8 @@ def test_probe_selects_what_the_models_own_attention_selects(
 ):
     image = shapes_image(7).resize(size)
     before = len(traced(qwen3_server))
-    answer = Chat(qwen3_server)([image], QUESTION, {"visual_tokens": K, "score_layer": layer})
+    knob = {"visual_tokens": K, "score_layer": layer, "coverage": 0}  # top-K: as the reference
+    answer = Chat(qwen3_server)([image], QUESTION, knob)
     assert answer.status == 200, answer.body
     (record,) = traced(qwen3_server)[before:]
 
@@ -135,7 +136,7 @@ def test_recycled_tokens_carry_their_clusters_deepstack(
     qwen3_server: VllmServer, reference: QwenReference, size
 ):
     image = shapes_image(8).resize(size)
-    knob = {"visual_tokens": K, "recycle": True}
+    knob = {"visual_tokens": K, "recycle": True, "coverage": 0}
     body = chat_body(Chat(qwen3_server).model, [image], QUESTION, knob, max_tokens=4)
     answer = Chat(qwen3_server).post(body | {"return_tokens_as_token_ids": True})
     assert answer.status == 200, answer.body
