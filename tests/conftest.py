@@ -20,7 +20,13 @@ def fixture_models() -> dict[str, Path]:
     return cached_fixtures()
 
 
+# KV cache of a test engine: the tiny models need a few MiB per full-length sequence; 1 GiB each
+# (the CPU default here) OOM-killed engines once ~9 were alive together on the 24 GiB machine.
+TEST_KV_BYTES = 256 * 2**20
+
+
 def serve_model(model: Path, **kw: object) -> Iterator[VllmServer]:
+    kw.setdefault("kv_cache_bytes", TEST_KV_BYTES)
     server = VllmServer(model, **kw).start()  # type: ignore[arg-type]
     try:
         yield server

@@ -45,6 +45,7 @@ class VllmServer:
         images_per_prompt: int = 4,
         dtype: str = "float32",  # deterministic numerics for exact A/B comparisons
         block_size: int | None = None,  # KV block tokens (CPU: multiples of 32, default 128)
+        kv_cache_bytes: int | None = None,  # KV cache size; default VLLM_CPU_KVCACHE_SPACE GiB
     ) -> None:
         self.model = str(model)
         self.port = free_port()
@@ -60,6 +61,7 @@ class VllmServer:
             "--limit-mm-per-prompt", f'{{"image": {images_per_prompt}}}',
             "--max-num-seqs", "32", "--seed", "0", "--dtype", dtype,
             *(["--block-size", str(block_size)] if block_size else []),
+            *(["--kv-cache-memory-bytes", str(kv_cache_bytes)] if kv_cache_bytes else []),
             *(extra_args or []),
         ]  # fmt: skip
         self.env = {
@@ -69,6 +71,8 @@ class VllmServer:
             **({} if plugins else {"VLLM_PLUGINS": ""}),
             **(env or {}),
         }
+        if kv_cache_bytes:  # vLLM's legacy variable would override the flag
+            self.env.pop("VLLM_CPU_KVCACHE_SPACE")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 300.0) -> VllmServer:
