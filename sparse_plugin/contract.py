@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 KNOB_KEY = "sparsevlm"
 """Key of the knob inside ``mm_processor_kwargs``."""
@@ -77,17 +85,23 @@ class SparsityKnob(BaseModel):
         "image's own turn (docs/BENCHMARKS.md).",
     )
 
+    @field_validator("coverage")
+    @classmethod
+    def _coverage_needs_scores(cls, value: float | None, info: ValidationInfo) -> float | None:
+        method = info.data.get("method", "sparsevlm")
+        if value is not None and method not in ("sparsevlm", "fastv"):
+            raise ValueError(
+                f"spreads a score-based selection: it needs method 'sparsevlm' or 'fastv', "
+                f"not {method!r}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_budget(self) -> SparsityKnob:
         if self.visual_tokens is not None and self.keep_ratio is not None:
             raise ValueError("give either visual_tokens or keep_ratio, not both")
         if self.method == "off" and self.max_visual_tokens is not None:
             raise ValueError("method 'off' keeps every token: it takes no max_visual_tokens")
-        if self.coverage is not None and self.method not in ("sparsevlm", "fastv"):
-            raise ValueError(
-                f"coverage spreads a score-based selection: it needs method 'sparsevlm' or "
-                f"'fastv', not {self.method!r}"
-            )
         if self.method != "off" and self.visual_tokens is None and self.keep_ratio is None:
             raise ValueError("pruning needs a budget: set visual_tokens or keep_ratio")
         return self

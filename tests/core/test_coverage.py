@@ -117,7 +117,7 @@ def test_bf16_agrees_with_fp32_on_well_separated_inputs():
     [
         ({"visual_tokens": 8, "coverage": -0.1}, "sparsevlm.coverage: Input should be greater"),
         ({"visual_tokens": 8, "coverage": 1.5}, "sparsevlm.coverage: Input should be less than"),
-        ({"visual_tokens": 8, "coverage": 0.3, "method": "random"}, "needs method 'sparsevlm'"),
+        ({"visual_tokens": 8, "coverage": 0.3, "method": "random"}, "sparsevlm.coverage: Value"),
         ({"visual_tokens": 8, "coverage": "0.3"}, "sparsevlm.coverage"),
     ],
 )
