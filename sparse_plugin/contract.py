@@ -21,7 +21,8 @@ from pydantic import (
 KNOB_KEY = "sparsevlm"
 """Key of the knob inside ``mm_processor_kwargs``."""
 
-Method = Literal["sparsevlm", "random", "uniform", "fastv", "off"]
+Method = Literal["sparsevlm", "random", "uniform", "fastv", "temporal", "off"]
+Modality = Literal["image", "video"]
 Version = Literal["v1.5", "v2"]
 Scope = Literal["turn", "prompt"]
 
@@ -38,7 +39,9 @@ class SparsityKnob(BaseModel):
     method: Method = Field(
         "sparsevlm",
         description="`sparsevlm` (text-guided); baselines at the same budget: `random`, `uniform` "
-        "(spatial grid), `fastv` (attention from the last text token); `off` disables pruning.",
+        "(spatial grid), `fastv` (attention from the last text token), `temporal` (videos: the "
+        "tokens that change most from the previous frame, EVS-like, query-agnostic; images: "
+        "uniform); `off` disables pruning.",
     )
     visual_tokens: int | None = Field(
         None, ge=1, description="Visual tokens per image after pruning (kept + recycled)."
@@ -46,10 +49,29 @@ class SparsityKnob(BaseModel):
     keep_ratio: float | None = Field(
         None, gt=0.0, le=1.0, description="Fraction of each image's visual tokens to keep."
     )
+    video_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Visual tokens per video after pruning, ranked over the whole video. Unset "
+        "(and no `video_keep_ratio`): videos take the image budget (`visual_tokens` or "
+        "`keep_ratio`).",
+    )
+    video_keep_ratio: float | None = Field(
+        None, gt=0.0, le=1.0, description="Fraction of each video's visual tokens to keep."
+    )
+    temporal_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Videos: a token whose cosine similarity to the same place in the previous "
+        "frame is at least this is a repeat, and repeats are dropped before the text-guided "
+        "ranking (only what the budget still needs is taken from them). Unset: off (the "
+        "measured better setting, docs/BENCHMARKS.md). Methods `sparsevlm` and `fastv` only.",
+    )
     max_visual_tokens: int | None = Field(
         None,
         ge=1,
-        description="Ceiling on each image's tokens, whatever `visual_tokens` / `keep_ratio` "
+        description="Ceiling on each image's or video's tokens, whatever the budget fields "
         "give (the gateway sets it to its operator's cap).",
     )
     recycle: bool | None = Field(
@@ -96,14 +118,33 @@ class SparsityKnob(BaseModel):
             )
         return value
 
+    @field_validator("temporal_threshold")
+    @classmethod
+    def _temporal_needs_scores(cls, value: float | None, info: ValidationInfo) -> float | None:
+        method = info.data.get("method", "sparsevlm")
+        if value is not None and method not in ("sparsevlm", "fastv"):
+            raise ValueError(
+                f"drops repeats before a score-based ranking: it needs method 'sparsevlm' or "
+                f"'fastv', not {method!r} (method 'temporal' ranks by change alone)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_budget(self) -> SparsityKnob:
         if self.visual_tokens is not None and self.keep_ratio is not None:
             raise ValueError("give either visual_tokens or keep_ratio, not both")
-        if self.method == "off" and self.max_visual_tokens is not None:
-            raise ValueError("method 'off' keeps every token: it takes no max_visual_tokens")
-        if self.method != "off" and self.visual_tokens is None and self.keep_ratio is None:
-            raise ValueError("pruning needs a budget: set visual_tokens or keep_ratio")
+        if self.video_tokens is not None and self.video_keep_ratio is not None:
+            raise ValueError("give either video_tokens or video_keep_ratio, not both")
+        if self.method == "off":
+            for name in ("max_visual_tokens", "video_tokens", "video_keep_ratio"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"method 'off' keeps every token: it takes no {name}")
+        elif self.visual_tokens is None and self.keep_ratio is None:
+            if self.video_tokens is None and self.video_keep_ratio is None:
+                raise ValueError(
+                    "pruning needs a budget: set visual_tokens or keep_ratio (and, for videos "
+                    "only, video_tokens or video_keep_ratio)"
+                )
         return self
 
     @property
@@ -122,37 +163,67 @@ class SparsityKnob(BaseModel):
         """Recycling applies to SparseVLM only, and only when asked for."""
         return self.method == "sparsevlm" and bool(self.recycle)
 
-    def budget(self, num_tokens: int) -> int:
-        """Final visual-token count for an image of ``num_tokens`` tokens (never more than it)."""
-        if not self.enabled:
+    @property
+    def temporal_applied(self) -> float:
+        """The temporal threshold the video selection uses (0: no temporal stage)."""
+        return self.temporal_threshold or 0.0
+
+    def _budget_fields(self, modality: Modality) -> tuple[int | None, float | None]:
+        if modality == "video" and (
+            self.video_tokens is not None or self.video_keep_ratio is not None
+        ):
+            return self.video_tokens, self.video_keep_ratio
+        return self.visual_tokens, self.keep_ratio
+
+    def prunes(self, modality: Modality) -> bool:
+        """Whether this knob gives items of ``modality`` a budget at all (a knob with only
+        video fields leaves images whole)."""
+        tokens, ratio = self._budget_fields(modality)
+        return self.enabled and (tokens is not None or ratio is not None)
+
+    def budget(self, num_tokens: int, modality: Modality = "image") -> int:
+        """Final visual-token count for an item of ``num_tokens`` tokens (never more than it)."""
+        tokens, ratio = self._budget_fields(modality)
+        if not self.enabled or (tokens is None and ratio is None):
             return num_tokens
-        if self.visual_tokens is not None:
-            asked = self.visual_tokens
+        if tokens is not None:
+            asked = tokens
         else:
-            assert self.keep_ratio is not None
-            asked = max(1, int(self.keep_ratio * num_tokens + 0.5))
+            assert ratio is not None
+            asked = max(1, int(ratio * num_tokens + 0.5))
         return min(num_tokens, asked, self.max_visual_tokens or num_tokens)
 
     def canonical(self) -> dict[str, Any]:
         """Explicit, order-stable form of the whole knob (logs, and the engine's copy of it)."""
-        return {**self.selection_identity(), "scope": self.scope}
+        return {
+            **self.selection_identity(),
+            "video_tokens": self.video_tokens,
+            "video_keep_ratio": self.video_keep_ratio,
+            "temporal_threshold": self.temporal_threshold,
+            "scope": self.scope,
+        }
 
-    def selection_identity(self) -> dict[str, Any]:
-        """What decides an image's selection besides its text: equal ones select alike.
+    def selection_identity(self, modality: Modality = "image") -> dict[str, Any]:
+        """What decides an item's selection besides its text: equal ones select alike.
 
         ``scope`` is not part of it: it only decides which text is handed to the selection,
-        and that text is hashed on its own.
+        and that text is hashed on its own. Per modality: an image's identity holds no video
+        field, so a change of video budget never costs an image its cache entries.
         """
-        return {
+        tokens, ratio = self._budget_fields(modality)
+        identity = {
             "method": self.method,
-            "visual_tokens": self.visual_tokens,
-            "keep_ratio": self.keep_ratio,
+            "visual_tokens": tokens,
+            "keep_ratio": ratio,
             "max_visual_tokens": self.max_visual_tokens,
             "recycle": self.recycle_enabled,
             "version": self.version,
             "score_layer": self.score_layer,
             "coverage": self.coverage_applied if self.method in ("sparsevlm", "fastv") else None,
         }
+        if modality == "video":
+            identity["temporal_threshold"] = self.temporal_applied
+        return identity
 
 
 class KnobError(ValueError):

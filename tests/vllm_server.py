@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -43,6 +44,7 @@ class VllmServer:
         name: str | None = None,
         max_model_len: int = 4096,
         images_per_prompt: int = 4,
+        videos_per_prompt: int = 0,  # > 0 only for video models
         dtype: str = "float32",  # deterministic numerics for exact A/B comparisons
         block_size: int | None = None,  # KV block tokens (CPU: multiples of 32, default 128)
         kv_cache_bytes: int | None = None,  # KV cache size; default VLLM_CPU_KVCACHE_SPACE GiB
@@ -52,13 +54,16 @@ class VllmServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name or f"{Path(model).name}-{'plugin' if plugins else 'stock'}"
         self.log_path = LOG_DIR / f"{self.name}-{self.port}.log"
+        limits = {"image": images_per_prompt}
+        if videos_per_prompt:
+            limits["video"] = videos_per_prompt
         self.args = [
             *engine_command(), "--model", self.model,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--served-model-name", Path(model).name,
             "--trust-request-mm-kwargs", "--enable-prompt-tokens-details",
             "--enforce-eager", "--max-model-len", str(max_model_len),
-            "--limit-mm-per-prompt", f'{{"image": {images_per_prompt}}}',
+            "--limit-mm-per-prompt", json.dumps(limits),
             "--max-num-seqs", "32", "--seed", "0", "--dtype", dtype,
             *(["--block-size", str(block_size)] if block_size else []),
             *(["--kv-cache-memory-bytes", str(kv_cache_bytes)] if kv_cache_bytes else []),

@@ -27,6 +27,7 @@ from .select import (
     top_k_sorted,
     uniform_indices,
 )
+from .temporal import novel_candidates, repeat_similarity, temporal_indices
 
 __all__ = [
     "PRUNE_LAYERS",
@@ -52,6 +53,9 @@ __all__ = [
     "split_budget",
     "stage_keep",
     "text_relevance",
+    "novel_candidates",
+    "repeat_similarity",
+    "temporal_indices",
     "top_k_sorted",
     "uniform_indices",
 ]

@@ -10,7 +10,8 @@ prompts that give an image the same context get the same selection — and can s
   conversation only append after that point, so the context — and the selection — stay put.
   A prompt without the marker after an image falls back to the ``prompt`` rule for that image.
 
-Other images' tokens are left out of every context. Plain Python over token ids (no torch).
+Other items' tokens (images, videos) are left out of every context. Plain Python over token
+ids (no torch).
 """
 
 from __future__ import annotations
@@ -48,22 +49,26 @@ def find(haystack: Sequence[int], needle: Sequence[int]) -> int:
     return -1
 
 
-def image_contexts(
-    prompt: Sequence[int], image_token_id: int, turn_end: Sequence[int] | None = None
+def item_contexts(
+    prompt: Sequence[int],
+    token_id: int,
+    turn_end: Sequence[int] | None = None,
+    drop: Sequence[int] = (),
 ) -> list[Context]:
-    """(prefix, suffix) per image of ``prompt``, in order; ``turn_end`` selects turn scope.
+    """(prefix, suffix) per image (or video) of ``prompt``, in order; ``turn_end`` selects turn
+    scope.
 
     Args:
-        prompt: the prompt's token ids (images as one or more ``image_token_id`` each).
-        image_token_id: the token an image's placeholder repeats.
+        prompt: the prompt's token ids (an item as one or more ``token_id`` each).
+        token_id: the token an item's placeholder repeats (e.g. ``<image>``, ``<|video_pad|>``).
         turn_end: ids that end a user turn and open the assistant's reply; None = prompt scope.
+        drop: placeholder ids of the other modalities, left out of every context too.
     """
-    text = [t for t in prompt if t != image_token_id]
+    skip = {token_id, *drop}
+    text = [t for t in prompt if t not in skip]
     contexts: list[Context] = []
-    removed = 0  # image tokens before the current run
-    for start, end in image_runs(prompt, image_token_id):
-        cut = start - removed  # the run's position in ``text``
-        removed += end - start
+    for start, _ in image_runs(prompt, token_id):
+        cut = sum(1 for t in prompt[:start] if t not in skip)  # the run's position in ``text``
         suffix = text[cut:]
         if turn_end:
             at = find(suffix, turn_end)

@@ -32,19 +32,24 @@ def select_visual_tokens(
     coverage: float | None = None,
     features: Tensor | None = None,
     grid: tuple[int, int] | None = None,
+    candidates: Tensor | None = None,
 ) -> Selection:
     """(N, d) tokens, (N,) scores -> Selection of exactly min(K, N) tokens.
 
     ``coverage`` (0 < c ≤ 1): keep by relevance-conditioned DPP over ``features`` (default the
     tokens themselves; ``grid`` their (rows, cols) layout, if any) instead of plain top-K
-    (coverage.py).
+    (coverage.py). ``candidates`` ((N,) bool, e.g. a video's non-repeats, temporal.py): the
+    kept tokens come from these first; the rest only fill what the budget still needs, by
+    score.
     """
     n = visual.shape[0]
     if budget >= n:
         return Selection(torch.arange(n, device=visual.device), visual[:0])
     kept_n, clusters = split_budget(n, budget, recycle)
-    if coverage:
-        feats = visual if features is None else features
+    feats = visual if features is None else features
+    if candidates is not None and not bool(candidates.all()):
+        kept = _kept_among(feats, scores, kept_n, coverage, candidates.to(scores.device))
+    elif coverage:
         kept = coverage_indices(feats, scores, kept_n, coverage, grid)
     else:
         kept = top_k_sorted(scores, kept_n)
@@ -52,6 +57,22 @@ def select_visual_tokens(
     mask[kept] = False
     recycled = recycle_tokens(visual, scores, torch.nonzero(mask).flatten(), clusters)
     return Selection(kept, recycled)
+
+
+def _kept_among(
+    features: Tensor, scores: Tensor, k: int, coverage: float | None, candidates: Tensor
+) -> Tensor:
+    """k indices chosen from ``candidates`` first (by coverage or top-K), topped up by score."""
+    pool = torch.nonzero(candidates).flatten()
+    if pool.numel() >= k:
+        if coverage:
+            local = coverage_indices(features[pool], scores[pool], k, coverage)
+        else:
+            local = top_k_sorted(scores[pool], k)
+        return pool[local].sort().values
+    rest = torch.nonzero(~candidates).flatten()
+    extra = rest[top_k_sorted(scores[rest], k - pool.numel())]
+    return torch.cat([pool, extra]).sort().values
 
 
 def select_images(

@@ -34,14 +34,18 @@ def text_positions(length: int, start: int) -> np.ndarray:
     return np.broadcast_to(np.arange(length), (3, length)) + start
 
 
-def grid_positions(t: int, h: int, w: int) -> np.ndarray:
-    """(3, t·h·w) relative (t, h, w) positions of an unpruned image's tokens, row-major."""
-    return np.indices((t, h, w)).reshape(3, -1)
+def grid_positions(t: int, h: int, w: int, t_scale: float = 1.0) -> np.ndarray:
+    """(3, t·h·w) relative (t, h, w) positions of an unpruned item's tokens, row-major; the
+    time axis advances ``t_scale`` per temporal step, truncated (Qwen2.5-VL videos, as vLLM)."""
+    grid = np.indices((t, h, w))
+    if t_scale != 1.0:
+        grid[0] = (grid[0] * t_scale).astype(np.int64)
+    return grid.reshape(3, -1)
 
 
 def kept_of(feature: Any) -> int | None:
-    """K for a pruned image feature (a MultiModalFeatureSpec), None when it is not pruned."""
-    return item_budget(feature.data) if feature.modality == "image" else None
+    """K for a pruned image or video (a MultiModalFeatureSpec), None when it is not pruned."""
+    return item_budget(feature.data, feature.modality)
 
 
 def layout(length: int, blocks: Iterable[Block]) -> tuple[torch.Tensor, int]:
@@ -65,12 +69,26 @@ def layout(length: int, blocks: Iterable[Block]) -> tuple[torch.Tensor, int]:
 
 
 class QwenImageCount:
-    """Image token id and unpruned count for vLLM's Qwen-VL processing infos."""
+    """Image (and video) token ids and unpruned counts for vLLM's Qwen-VL processing infos."""
 
     info: Any
 
     def _image_token_id(self) -> int:
         return int(self.info.get_hf_config().image_token_id)
+
+    def _video_token_id(self) -> int:
+        return int(self.info.get_hf_config().video_token_id)
+
+    def _num_video_tokens(
+        self, frames: int, height: int, width: int, hf_kwargs: Mapping[str, object]
+    ) -> int:
+        # The checkpoint's own HF processor's rule (its video processor's resize and temporal
+        # patching) for the frames vLLM's loader decoded.
+        processor = self.info.get_hf_processor(**hf_kwargs)
+        data = processor._get_num_multimodal_tokens(
+            video_sizes=[(frames, height, width)], **hf_kwargs
+        )
+        return int(data["num_video_tokens"][0])
 
     def _num_image_tokens(
         self, mm_items: MultiModalDataItems, item_idx: int, hf_kwargs: Mapping[str, object]
@@ -125,41 +143,59 @@ class QwenImageHooks:
         one block for an image, one or more for a video (the family's own rule)."""
         raise NotImplementedError
 
-    def _image_grids(self, kwargs: dict[str, object]) -> list[Grid | None]:
-        grid_thw = kwargs.get("image_grid_thw")
+    def _grids(self, kwargs: dict[str, object], modality: str) -> list[Grid | None]:
+        grid_thw = kwargs.get(f"{modality}_grid_thw")
         if grid_thw is None:
             return []
         rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw)
         merge = self.config.vision_config.spatial_merge_size
+        scales = self._time_scales(kwargs, modality, len(rows))
         out: list[Grid | None] = []
-        for row in rows:
+        for row, scale in zip(rows, scales, strict=True):
             t, h, w = (int(v) for v in (row.tolist() if isinstance(row, torch.Tensor) else row))
-            out.append((t, h // merge, w // merge))
+            out.append(Grid(t, h // merge, w // merge, scale))
         return out
 
-    def _item_subset(self, kwargs: dict[str, object], idxs: list[int]) -> dict[str, object]:
-        """Images ``idxs`` of a batch: ``pixel_values`` / ``image_embeds`` are flat (every
-        image's patch rows concatenated, t·h·w each, merge² fewer for embeddings)."""
-        grid_thw = kwargs["image_grid_thw"]
+    def _time_scales(self, kwargs: dict[str, object], modality: str, count: int) -> list[float]:
+        """Per item, M-RoPE time positions per temporal step (1: one per step)."""
+        return [1.0] * count
+
+    def _item_subset(
+        self, kwargs: dict[str, object], idxs: list[int], modality: str = "image"
+    ) -> dict[str, object]:
+        """Items ``idxs`` of a batch: pixel rows and embeddings are flat (every item's patch
+        rows concatenated, t·h·w each, merge² fewer for embeddings); per-item tensors
+        (grids, a video's seconds per step) are batched."""
+        grid_key = f"{modality}_grid_thw"
+        grid_thw = kwargs[grid_key]
         assert isinstance(grid_thw, torch.Tensor)
         patches = grid_thw.prod(-1)
-        out: dict[str, object] = {**kwargs, "image_grid_thw": grid_thw[idxs]}
+        out: dict[str, object] = {**kwargs, grid_key: grid_thw[idxs]}
         merge = self.config.vision_config.spatial_merge_size
-        for name, per_image in (("pixel_values", patches), ("image_embeds", patches // merge**2)):
+        flat_names = (
+            ("pixel_values_videos", "video_embeds")
+            if modality == "video"
+            else ("pixel_values", "image_embeds")
+        )
+        for name, per_item in zip(flat_names, (patches, patches // merge**2), strict=True):
             flat = kwargs.get(name)
             if isinstance(flat, torch.Tensor):
-                rows = per_image.tolist()
+                rows = per_item.tolist()
                 starts = [sum(rows[:i]) for i in range(len(rows))]
                 out[name] = torch.cat([flat[starts[i] : starts[i] + rows[i]] for i in idxs])
+        seconds = kwargs.get("second_per_grid_ts")
+        if isinstance(seconds, torch.Tensor) and modality == "video":
+            out["second_per_grid_ts"] = seconds[idxs]
         return out
 
     def _probe_positions(
         self, prefix: int, num_visual: int, suffix: int, grid: Grid | None, device: torch.device
     ) -> torch.Tensor:
-        """The unpruned M-RoPE positions of prefix | image (t, h, w grid) | suffix, (3, L)."""
-        if grid is None or grid[0] * grid[1] * grid[2] != num_visual:
-            raise ValueError(f"image grid {grid} does not match its {num_visual} visual tokens")
-        positions, _ = layout(prefix + num_visual + suffix, [(prefix, grid_positions(*grid))])
+        """The unpruned M-RoPE positions of prefix | item (t, h, w grid) | suffix, (3, L)."""
+        if grid is None or grid.size != num_visual:
+            raise ValueError(f"grid {grid} does not match its {num_visual} visual tokens")
+        relative = grid_positions(grid.t, grid.h, grid.w, grid.t_scale)
+        positions, _ = layout(prefix + num_visual + suffix, [(prefix, relative)])
         return positions.to(device)
 
     # GPU: the encoder CUDA-graph path skips embed_multimodal, hence the pruning.

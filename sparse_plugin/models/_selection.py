@@ -1,17 +1,19 @@
-"""Model-executor side of the seam: fill each image's K placeholder slots with the chosen tokens.
+"""Model-executor side of the seam: fill each item's K placeholder slots with the chosen tokens.
 
-Runs inside ``embed_multimodal`` (the encoder step of prefill). For each pruned image it takes the
-vision tower's features (from the content-keyed vision cache when the image is known), builds that
-image's own sequence (context before, image features, the rater text after), lets SparseVLM's
-raters judge the visual tokens with the attention of the scoring layer, and returns exactly K
-rows: the kept tokens in original order followed by the recycled cluster means.
+Runs inside ``embed_multimodal`` (the encoder step of prefill). For each pruned image or video it
+takes the vision tower's features (from the content-keyed vision cache when the item is known),
+builds that item's own sequence (context before, its features, the rater text after), lets
+SparseVLM's raters judge the visual tokens with the attention of the scoring layer, and returns
+exactly K rows: the kept tokens in original order followed by the recycled cluster means. A video
+is ranked as a whole (not frame by frame), optionally after its repeats are set aside
+(``core/temporal.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,15 +27,7 @@ from sparse_plugin.models._probe import (
     tp_sum,
     tp_world_size,
 )
-from sparse_plugin.models._processing import (
-    COVERAGE_SCALE,
-    IMAGE_KEY_FIELD,
-    METHOD_IDS,
-    PARAMS_FIELD,
-    PREFIX_FIELD,
-    SUFFIX_FIELD,
-    VERSION_IDS,
-)
+from sparse_plugin.models._processing import COVERAGE_SCALE, METHOD_IDS, VERSION_IDS, fields
 from sparse_plugin.models._vision_cache import VisionCache, capacity_from_env
 
 _METHODS = {v: k for k, v in METHOD_IDS.items()}
@@ -48,12 +42,25 @@ def _item(batch: Any, i: int) -> torch.Tensor:
     return batch[i]
 
 
-Grid = tuple[int, int, int]  # (t, h, w) of an image's visual tokens as the LM sees them
+class Grid(NamedTuple):
+    """(t, h, w) of an image's or video's visual tokens as the LM sees them."""
+
+    t: int
+    h: int
+    w: int
+    t_scale: float = 1.0  # M-RoPE time positions per temporal step (Qwen2.5-VL videos: seconds)
+
+    @property
+    def size(self) -> int:
+        return self.t * self.h * self.w
+
+
+MODALITIES = ("image", "video")
 
 
 class SparseEmbedMixin:
     """Mixin for a vLLM multimodal model class whose ``embed_multimodal`` returns per-image
-    (N, d) features in the LM's embedding space. Family hooks: ``_image_grids``,
+    (N, d) features in the LM's embedding space. Family hooks: ``_grids``,
     ``_probe_positions`` (M-RoPE models override both) and ``_item_subset``."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
@@ -68,22 +75,22 @@ class SparseEmbedMixin:
         return super().load_weights(weights)  # type: ignore[misc]
 
     def embed_multimodal(self, **kwargs: object) -> Any:
-        params = kwargs.pop(PARAMS_FIELD, None)
-        prefixes = kwargs.pop(PREFIX_FIELD, None)
-        suffixes = kwargs.pop(SUFFIX_FIELD, None)
-        keys = kwargs.pop(IMAGE_KEY_FIELD, None)
-        if params is None:
+        # vLLM encodes one modality per call; a pruned batch carries that modality's fields.
+        modality = next((m for m in MODALITIES if fields(m)[0] in kwargs), None)
+        if modality is None:
             return super().embed_multimodal(**kwargs)  # type: ignore[misc]
-        grids = self._image_grids(kwargs)
+        params, prefixes, suffixes, keys = (kwargs.pop(name) for name in fields(modality))
+        grids = self._grids(kwargs, modality)
         names = [bytes(_item(keys, i).tolist()).hex() for i in range(len(params))]
-        features, hits = self._vision_features(kwargs, names)
+        features, hits = self._vision_features(kwargs, names, modality)
         return [
-            self._prune_image(
+            self._prune_item(
                 feats,
                 _item(params, i),
                 _item(prefixes, i),
                 _item(suffixes, i),
                 grids[i] if i < len(grids) else None,
+                modality=modality,
                 image=names[i],
                 vision="hit" if hits[i] else "miss",
             )
@@ -92,18 +99,20 @@ class SparseEmbedMixin:
 
     # -- vision tower, through the content-keyed cache --------------------------------------
     def _vision_features(
-        self, kwargs: dict[str, object], names: list[str]
+        self, kwargs: dict[str, object], names: list[str], modality: str = "image"
     ) -> tuple[list[torch.Tensor], list[bool]]:
-        """Per image: its projected features, and whether they came from the vision cache.
+        """Per item: its projected features, and whether they came from the vision cache.
 
-        The tower runs once per distinct image that is not cached, in one batch.
+        The tower runs once per distinct item that is not cached, in one batch.
         """
         found = {n: f for n in set(names) if (f := self._vision_cache.get(n)) is not None}
         cached = [n in found for n in names]
         todo = list(dict.fromkeys(n for n in names if n not in found))  # distinct, in order
         if todo:
             first = [names.index(n) for n in todo]
-            batch = kwargs if len(first) == len(names) else self._item_subset(kwargs, first)
+            batch = (
+                kwargs if len(first) == len(names) else self._item_subset(kwargs, first, modality)
+            )
             outputs = super().embed_multimodal(**batch)  # type: ignore[misc]
             for name, feats in zip(todo, outputs, strict=True):
                 found[name] = feats
@@ -123,8 +132,8 @@ class SparseEmbedMixin:
             self._counters.inc(name, self._served_name, amount)
 
     # -- family hooks ------------------------------------------------------------------------
-    def _image_grids(self, kwargs: dict[str, object]) -> list[Grid | None]:
-        """Per image of this batch: its (t, h, w) token grid, where the family knows one."""
+    def _grids(self, kwargs: dict[str, object], modality: str) -> list[Grid | None]:
+        """Per item of this batch: its (t, h, w) token grid, where the family knows one."""
         return []
 
     def _lm_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -134,8 +143,8 @@ class SparseEmbedMixin:
         return feats, None
 
     def _visual_grid(self, num_visual: int, grid: Grid | None) -> tuple[int, int] | None:
-        if grid is not None and grid[0] * grid[1] * grid[2] == num_visual and grid[0] == 1:
-            return grid[1], grid[2]
+        if grid is not None and grid.size == num_visual and grid.t == 1:
+            return grid.h, grid.w
         side = int(round(num_visual**0.5))
         return (side, side) if side * side == num_visual else None
 
@@ -145,8 +154,10 @@ class SparseEmbedMixin:
         """Positions of the probe sequence (prefix | image | suffix), as the LM would see it."""
         return torch.arange(prefix + num_visual + suffix, device=device)
 
-    def _item_subset(self, kwargs: dict[str, object], idxs: list[int]) -> dict[str, object]:
-        """The vision-tower inputs of images ``idxs`` only, from a batch of them.
+    def _item_subset(
+        self, kwargs: dict[str, object], idxs: list[int], modality: str = "image"
+    ) -> dict[str, object]:
+        """The vision-tower inputs of items ``idxs`` only, from a batch of them.
 
         Default: every input is batched along its first dimension (a tensor or a list with one
         entry per image), as for LLaVA-1.5 and LLaVA-NeXT; flat inputs need a family override.
@@ -162,27 +173,34 @@ class SparseEmbedMixin:
         return out
 
     # -- selection ---------------------------------------------------------------------------
-    def _prune_image(
+    def _prune_item(
         self,
         feats: torch.Tensor,
         params: torch.Tensor,
         prefix: torch.Tensor,
         suffix: torch.Tensor,
         grid: Grid | None = None,
+        modality: str = "image",
         **trace: str,
     ) -> torch.Tensor:
-        method_id, budget, recycle, version_id, score_layer, coverage = (
+        method_id, budget, recycle, version_id, score_layer, coverage, temporal = (
             int(x) for x in params.tolist()
         )
         method = _METHODS[method_id]
         n = feats.shape[0]
         if budget >= n:
             return feats
+        frames = (grid.t, grid.h, grid.w) if grid is not None and grid.size == n else None
+        if method == "temporal" and (frames is None or frames[0] == 1):
+            method = "uniform"  # one frame: nothing repeats, so spread evenly
         recycled = feats[:0]
         if method == "random":
             kept = core.random_indices(n, budget)
         elif method == "uniform":
             kept = core.uniform_indices(n, budget, self._visual_grid(n, grid))
+        elif method == "temporal":
+            assert frames is not None
+            kept = core.temporal_indices(self._lm_features(feats)[0], frames, budget)
         else:
             embeds, deepstack = self._lm_features(feats)
             scores = self._attention_scores(
@@ -195,6 +213,9 @@ class SparseEmbedMixin:
                 version=_VERSIONS[version_id],
                 deepstack=deepstack,
             )
+            candidates = None
+            if temporal and frames is not None and frames[0] > 1:
+                candidates = core.novel_candidates(embeds, frames, temporal / COVERAGE_SCALE)
             # whole rows: a recycled token merges its members' DeepStack features alike
             selection = core.select_visual_tokens(
                 feats,
@@ -204,11 +225,13 @@ class SparseEmbedMixin:
                 coverage=coverage / COVERAGE_SCALE or None,
                 features=embeds,
                 grid=self._visual_grid(n, grid),
+                candidates=candidates,
             )
             kept, recycled = selection.kept, selection.recycled
         kept = kept.to(feats.device)
         _trace(
             method=method,
+            modality=modality,
             num_visual=n,
             budget=budget,
             kept=kept,

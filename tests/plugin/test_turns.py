@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor
 
-from sparse_plugin.core.context import find, image_contexts
+from sparse_plugin.core.context import find, item_contexts
 from sparse_plugin.models._turns import turn_end_ids
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ def test_turn_end_is_found_after_each_question_and_keeps_the_image_context(proce
         text = processor.apply_chat_template(conversation(turns), add_generation_prompt=True)
         ids[turns] = tok.encode(text, add_special_tokens=False)
         assert ids[turns][-len(end) :] == end  # the generation prompt ends every request
-    first, third = (image_contexts(ids[t], image, end) for t in (1, 3))
+    first, third = (item_contexts(ids[t], image, end) for t in (1, 3))
     assert first == third  # the image's context is the same in turn 1 and turn 3
     assert find(ids[3], end) < len(ids[1])  # and it was cut at the first turn end, not the last
 
