@@ -103,3 +103,54 @@ def image_data_url(img: object, fmt: str = "PNG") -> str:
     buf = io.BytesIO()
     img.save(buf, format=fmt)  # type: ignore[attr-defined]
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def shapes_video(
+    seed: int, frames: int = 8, size: tuple[int, int] = (224, 224), moving: bool = True
+) -> list[object]:
+    """A deterministic clip: a few coloured squares on a plain ground, one moving across it
+    (``moving``), the others still; (width, height) ``size``. A list of PIL frames."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    w, h = size
+    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]
+    still = [
+        (rng.randint(0, w - 40), rng.randint(0, h - 40), rng.randint(16, 40), rng.choice(colours))
+        for _ in range(3)
+    ]
+    out = []
+    for f in range(frames):
+        img = Image.new("RGB", size, (240, 240, 235))
+        draw = ImageDraw.Draw(img)
+        for x, y, s, c in still:
+            draw.rectangle([x, y, x + s, y + s], fill=c)
+        if moving:
+            x = int((w - 30) * f / max(1, frames - 1))
+            draw.ellipse([x, h // 2 - 15, x + 30, h // 2 + 15], fill=(220, 30, 30))
+        out.append(img)
+    return out
+
+
+def video_bytes(frames: list[object], fps: float = 4.0, fourcc: str = "mp4v") -> bytes:
+    """PIL frames encoded as a video file (OpenCV's writer; mp4v -> .mp4, VP80 -> .webm)."""
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    suffix = {"mp4v": ".mp4", "VP80": ".webm", "MJPG": ".avi"}[fourcc]
+    w, h = frames[0].size  # type: ignore[attr-defined]
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        writer = cv2.VideoWriter(f.name, cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+        for frame in frames:
+            writer.write(cv2.cvtColor(np.asarray(frame), cv2.COLOR_RGB2BGR))
+        writer.release()
+        return Path(f.name).read_bytes()
+
+
+def video_data_url(frames: list[object], fps: float = 4.0, fourcc: str = "mp4v") -> str:
+    mime = {"mp4v": "video/mp4", "VP80": "video/webm", "MJPG": "video/x-msvideo"}[fourcc]
+    return f"data:{mime};base64," + base64.b64encode(video_bytes(frames, fps, fourcc)).decode()
