@@ -105,9 +105,11 @@ async def one(client: httpx.AsyncClient, url: str, b: dict) -> tuple[float, floa
     return ttft or time.perf_counter() - t0, time.perf_counter() - t0, prompt
 
 
-async def run(url: str, bodies: list[dict], concurrency: int) -> list[tuple[float, float, int]]:
+async def run(
+    url: str, bodies: list[dict], concurrency: int, headers: dict[str, str] | None = None
+) -> list[tuple[float, float, int]]:
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, headers=headers) as client:
 
         async def limited(b: dict):
             async with sem:
