@@ -1,33 +1,83 @@
 """Visual-token and FLOP accounting from the served checkpoint's config.json (and processor).
 
-``kept`` always comes from what vLLM reports it processed (``prompt_tokens_details``);
-``original`` is what the same images take unpruned, from the model's geometry: a fixed count for
-LLaVA-1.5, the checkpoint's own HF processor's count per image size for LLaVA-NeXT, Qwen2.5-VL
-and Qwen3-VL.
+``kept`` always comes from what vLLM reports it processed (``prompt_tokens_details``, per
+modality); ``original`` is what the same images and videos take unpruned, from the model's
+geometry: a fixed count for LLaVA-1.5, the checkpoint's own HF processor's count per image size
+for LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL, and for videos (Qwen2.5-VL, Qwen3-VL) that processor's
+count for the frames vLLM's own video loader samples from the clip.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("sparsevlm.gateway")
+
 Size = tuple[int, int]  # (width, height)
 # Model types whose image token count depends on the image size (counted by their HF processor).
 SIZE_DEPENDENT = {"llava_next", "qwen2_5_vl", "qwen3_vl"}
+# Model types that take videos (and whose videos the plugin prunes).
+VIDEO_MODELS = {"qwen2_5_vl", "qwen3_vl"}
+VideoCounter = Callable[[Any], int]  # an open cv2.VideoCapture -> unpruned video tokens
 
 
-def processor_counter(model_dir: Path) -> Callable[[Sequence[Size]], list[int]]:
+def processor_counter(processor: Any) -> Callable[[Sequence[Size]], list[int]]:
     """Unpruned image-token counts per (width, height), from the checkpoint's own processor."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
 
     def count(sizes: Sequence[Size]) -> list[int]:
         data = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])
         return [int(n) for n in data["num_image_tokens"]]
+
+    return count
+
+
+def video_counter(model_dir: Path, processor: Any) -> VideoCounter | None:
+    """Unpruned video tokens of a clip (an open ``cv2.VideoCapture``) exactly as vLLM counts them.
+
+    vLLM 0.32 decodes a ``video_url`` with the loader registered for the checkpoint's video
+    processor (Qwen2-VL/2.5-VL: ``qwen2_vl``, 2 frames per second, a multiple of the temporal
+    patch; Qwen3-VL: ``qwen3_vl``), at its default arguments, from the container's metadata as
+    its OpenCV reader sees it; the HF processor then counts those frames. The same vLLM
+    functions are called here, so the count follows the pinned vLLM. None without vLLM
+    installed (then a video's ``original`` is unknown and usage carries no visual_tokens).
+    Assumes the engine runs without ``--media-io-kwargs`` for video (that changes the sampling).
+    """
+    try:
+        import cv2
+        from vllm import envs
+        from vllm.multimodal.media.video import VideoMediaIO
+        from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+        from vllm.multimodal.video_decoders import VideoTargetMetadata
+        from vllm.multimodal.video_decoders.opencv import OpenCVVideoBackendMixin as OpenCV
+        from vllm.transformers_utils.processor import get_video_processor_cls_name_from_config
+    except ImportError:
+        logger.warning("vLLM is not importable: videos' unpruned token counts are unknown")
+        return None
+    name = get_video_processor_cls_name_from_config(str(model_dir))
+    backend = VIDEO_LOADER_REGISTRY.get_backend_for_video_processor(name)
+    loader = VIDEO_LOADER_REGISTRY.load(backend or envs.VLLM_VIDEO_LOADER_BACKEND)
+    # What VideoMediaIO.load_bytes passes: its num_frames, and the loader's own defaults.
+    defaults = inspect.signature(loader.load_bytes).parameters
+    target = VideoTargetMetadata(
+        num_frames=inspect.signature(VideoMediaIO).parameters["num_frames"].default,
+        fps=defaults["fps"].default,
+        max_duration=defaults["max_duration"].default,
+    )
+
+    def count(cap: Any) -> int:
+        source = loader._prepare_source(OpenCV.get_video_metadata(cap))  # rewinds to frame 0
+        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        # vLLM reads each distinct index once (OpenCVVideoBackendMixin.read_frames).
+        frames = len(set(loader.compute_frames_index_to_sample(source=source, target=target)))
+        data = processor._get_num_multimodal_tokens(video_sizes=[(frames, height, width)])
+        return int(data["num_video_tokens"][0])
 
     return count
 
@@ -43,6 +93,7 @@ class ModelGeometry:
     count_by_size: Callable[[Sequence[Size]], list[int]] | None = field(
         default=None, compare=False, repr=False
     )
+    count_video: VideoCounter | None = field(default=None, compare=False, repr=False)
 
     def original_tokens(self, sizes: Sequence[Size | None]) -> int | None:
         """Unpruned visual tokens of images of these sizes (None where it cannot be known)."""
@@ -63,6 +114,12 @@ class ModelGeometry:
             if config.get("vision_feature_select_strategy") == "full":
                 tokens += 1
         heads = int(text["num_attention_heads"])
+        model_type = config.get("model_type")
+        processor = None
+        if model_type in SIZE_DEPENDENT:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(model_dir)
         return cls(
             tokens_per_image=tokens,
             layers=int(text["num_hidden_layers"]),
@@ -70,8 +127,9 @@ class ModelGeometry:
             intermediate=int(text["intermediate_size"]),
             heads=heads,
             kv_heads=int(text.get("num_key_value_heads") or heads),
-            count_by_size=(
-                processor_counter(model_dir) if config.get("model_type") in SIZE_DEPENDENT else None
+            count_by_size=processor_counter(processor) if processor is not None else None,
+            count_video=(
+                video_counter(model_dir, processor) if model_type in VIDEO_MODELS else None
             ),
         )
 
@@ -89,17 +147,40 @@ class ModelGeometry:
         return saved_tokens * self.prefill_flops_per_token(prompt_tokens + saved_tokens)
 
 
-def kept_visual_tokens(usage: dict[str, Any]) -> int | None:
-    details = usage.get("prompt_tokens_details") or {}
-    mm = details.get("multimodal_tokens") or {}
-    return int(mm["image"]) if "image" in mm else None
+def visual_usage_by_modality(
+    geometry: ModelGeometry | None,
+    sizes: Sequence[Size | None],
+    usage: dict[str, Any],
+    videos: Sequence[int | None] = (),
+) -> dict[str, dict[str, int]] | None:
+    """{modality: {original, kept, saved}} for the request's images (``sizes``) and videos (their
+    unpruned token counts); None where any count is unknown. ``kept`` is what vLLM reports."""
+    mm = (usage.get("prompt_tokens_details") or {}).get("multimodal_tokens") or {}
+    originals: dict[str, int | None] = {}
+    if sizes:
+        originals["image"] = geometry.original_tokens(sizes) if geometry is not None else None
+    if videos:
+        known = [n for n in videos if n is not None]
+        originals["video"] = sum(known) if len(known) == len(videos) else None
+    out = {}
+    for modality, original in originals.items():
+        if original is None or modality not in mm:
+            return None
+        kept = int(mm[modality])
+        out[modality] = {"original": original, "kept": kept, "saved": original - kept}
+    return out or None
 
 
 def visual_usage(
-    geometry: ModelGeometry | None, sizes: Sequence[Size | None], usage: dict[str, Any]
+    geometry: ModelGeometry | None,
+    sizes: Sequence[Size | None],
+    usage: dict[str, Any],
+    videos: Sequence[int | None] = (),
 ) -> dict[str, int] | None:
-    kept = kept_visual_tokens(usage)
-    original = geometry.original_tokens(sizes) if geometry is not None else None
-    if kept is None or original is None:
-        return None
-    return {"original": original, "kept": kept, "saved": original - kept}
+    """``usage.visual_tokens``: images and videos together."""
+    by_modality = visual_usage_by_modality(geometry, sizes, usage, videos)
+    return visual_totals(by_modality) if by_modality is not None else None
+
+
+def visual_totals(by_modality: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {k: sum(m[k] for m in by_modality.values()) for k in ("original", "kept", "saved")}

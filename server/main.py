@@ -22,7 +22,7 @@ from server.accounting import ModelGeometry
 from server.config import Settings, load_settings
 from server.errors import GatewayError, error_response, install_error_handlers
 from server.metrics import Metrics
-from server.remote import RemoteImages
+from server.remote import RemoteMedia
 from server.routes import chat, service
 from server.state import Gateway
 
@@ -70,8 +70,8 @@ class BodyLimit:
         return f"request body larger than the limit of {self.max_bytes} bytes"
 
 
-def remote_images(settings: Settings) -> RemoteImages:
-    return RemoteImages(
+def remote_media(settings: Settings) -> RemoteMedia:
+    return RemoteMedia(
         settings.remote_image_hosts,
         allow_http=settings.remote_image_allow_http,
         allowed_networks=[
@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         metrics=Metrics(),
         geometry=ModelGeometry.from_dir(settings.model_dir) if settings.model_dir else None,
-        remote=remote_images(settings),
+        remote=remote_media(settings),
     )
 
     @asynccontextmanager

@@ -30,20 +30,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # modality: image or video (a fixed pair, so the label set stays small)
         self.visual_original = Counter(
             "sparsevlm_visual_tokens_original",
-            "Visual tokens of the requests' images without pruning.",
-            ["model"],
+            "Visual tokens of the requests' images and videos without pruning.",
+            ["model", "modality"],
             registry=r,
         )
         self.visual_kept = Counter(
             "sparsevlm_visual_tokens_kept",
             "Visual tokens the language model processed.",
-            ["model"],
+            ["model", "modality"],
             registry=r,
         )
         self.visual_saved = Counter(
-            "sparsevlm_visual_tokens_saved", "Visual tokens pruned away.", ["model"], registry=r
+            "sparsevlm_visual_tokens_saved",
+            "Visual tokens pruned away.",
+            ["model", "modality"],
+            registry=r,
         )
         self.flops_saved = Counter(
             "sparsevlm_prefill_flops_saved",

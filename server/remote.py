@@ -1,13 +1,15 @@
-"""Remote image URLs, fetched by the gateway so the engine never touches the network.
+"""Remote image and video URLs, fetched by the gateway so the engine never touches the network.
 
-Off unless ``remote_image_hosts`` lists the hosts clients may name. Every hop (the URL, then each
-redirect) is checked before any byte is sent: scheme (https, http only if allowed), host against
-the allow-list, and every address the host resolves to against the public internet — private,
-loopback, link-local (cloud metadata), CGNAT, multicast and reserved ranges are refused unless
+Off unless ``remote_image_hosts`` lists the hosts clients may name (images and videos alike; the
+settings keep their first name). Every hop (the URL, then each redirect) is checked before any
+byte is sent: scheme (https, http only if allowed), host against the allow-list, and every
+address the host resolves to against the public internet — private, loopback, link-local (cloud
+metadata), CGNAT, multicast and reserved ranges are refused unless
 ``remote_image_allowed_networks`` names them. The request then goes to the checked address itself
 (with the original Host header and TLS server name), so a second DNS answer cannot swap it.
-The body is streamed against a byte cap under one deadline for the whole fetch; what arrives
-must decode as an image. Errors are 400/413/504 naming the request part.
+The body is streamed against a byte cap (per kind of media) under one deadline for the whole
+fetch; what arrives must then decode as an image or a video (``server/media.py``). Errors are
+400/413/504 naming the request part.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import httpx
 
@@ -55,8 +58,8 @@ async def resolve(host: str, port: int) -> list[Address]:
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
 
 
-class RemoteImages:
-    """Fetches remote image URLs under the gateway's settings with one shared client."""
+class RemoteMedia:
+    """Fetches remote image and video URLs under the gateway's settings with one shared client."""
 
     def __init__(
         self,
@@ -75,7 +78,7 @@ class RemoteImages:
             follow_redirects=False,  # every hop is checked here
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-            headers={"User-Agent": "sparsevlm-gateway", "Accept": "image/*"},
+            headers={"User-Agent": "sparsevlm-gateway", "Accept": "image/*, video/*"},
             trust_env=False,  # never route through a proxy from the environment
         )
 
@@ -86,27 +89,32 @@ class RemoteImages:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fetch(self, url: str, param: str) -> bytes:
-        """The bytes of the image at ``url``; GatewayError naming ``param`` otherwise."""
+    async def fetch(
+        self, url: str, param: str, *, kind: str = "image", max_bytes: int | None = None
+    ) -> bytes:
+        """The bytes of the ``kind`` (image, video) at ``url``, at most ``max_bytes`` (default:
+        the remote image limit); GatewayError naming ``param`` otherwise."""
         if not self.enabled:
             raise GatewayError(
-                400, f"{param}: remote image URLs are disabled here; send a data: URL", param
+                400, f"{param}: remote {kind} URLs are disabled here; send a data: URL", param
             )
+        fetch = _Fetch(param, kind, max_bytes or self.max_bytes)
         try:
-            return await asyncio.wait_for(self._follow(url, param), self.timeout_s)
+            return await asyncio.wait_for(self._follow(url, fetch), self.timeout_s)
         except (TimeoutError, httpx.TimeoutException):
             raise GatewayError(
-                504, f"{param}: fetching the image took longer than {self.timeout_s:g} s", param
+                504, f"{param}: fetching the {kind} took longer than {self.timeout_s:g} s", param
             ) from None
         except httpx.HTTPError as exc:
             raise GatewayError(
-                400, f"{param}: could not fetch the image ({type(exc).__name__})", param
+                400, f"{param}: could not fetch the {kind} ({type(exc).__name__})", param
             ) from None
 
-    async def _follow(self, url: str, param: str) -> bytes:
+    async def _follow(self, url: str, fetch: _Fetch) -> bytes:
+        param, kind = fetch.param, fetch.kind
         target = httpx.URL(url)
         for _ in range(self.max_redirects + 1):
-            request = await self._checked_request(target, param)
+            request = await self._checked_request(target, fetch)
             response = await self.client.send(request, stream=True)
             try:
                 if response.status_code in REDIRECTS and "location" in response.headers:
@@ -115,39 +123,40 @@ class RemoteImages:
                 if response.status_code != 200:
                     raise GatewayError(
                         400,
-                        f"{param}: the image server answered HTTP {response.status_code}",
+                        f"{param}: the {kind} server answered HTTP {response.status_code}",
                         param,
                     )
-                return await self._read_capped(response, param)
+                return await self._read_capped(response, fetch)
             finally:
                 await response.aclose()
         raise GatewayError(
-            400, f"{param}: more than {self.max_redirects} redirects fetching the image", param
+            400, f"{param}: more than {self.max_redirects} redirects fetching the {kind}", param
         )
 
-    async def _checked_request(self, url: httpx.URL, param: str) -> httpx.Request:
+    async def _checked_request(self, url: httpx.URL, fetch: _Fetch) -> httpx.Request:
+        param, kind = fetch.param, fetch.kind
         schemes = ("https", "http") if self.allow_http else ("https",)
         if url.scheme not in schemes:
             raise GatewayError(
-                400, f"{param}: only {' or '.join(schemes)} image URLs are allowed here", param
+                400, f"{param}: only {' or '.join(schemes)} {kind} URLs are allowed here", param
             )
         host = url.host
         if not host or not host_allowed(host, self.hosts):
             raise GatewayError(
-                400, f"{param}: image host {host!r} is not in this server's allowed hosts", param
+                400, f"{param}: {kind} host {host!r} is not in this server's allowed hosts", param
             )
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
             addresses = await resolve(host, port)
         except OSError:
             raise GatewayError(
-                400, f"{param}: image host {host!r} does not resolve", param
+                400, f"{param}: {kind} host {host!r} does not resolve", param
             ) from None
         refused = [ip for ip in addresses if not address_allowed(ip, self.networks)]
         if refused or not addresses:
             raise GatewayError(
                 400,
-                f"{param}: image host {host!r} resolves to a non-public address "
+                f"{param}: {kind} host {host!r} resolves to a non-public address "
                 f"({refused[0] if refused else 'none'}); refused",
                 param,
             )
@@ -158,19 +167,30 @@ class RemoteImages:
             "GET", checked, headers=headers, extensions={"sni_hostname": host}
         )
 
-    async def _read_capped(self, response: httpx.Response, param: str) -> bytes:
+    async def _read_capped(self, response: httpx.Response, fetch: _Fetch) -> bytes:
         declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            raise self._too_large(param)
+        if declared is not None and declared.isdigit() and int(declared) > fetch.max_bytes:
+            raise fetch.too_large()
         chunks, size = [], 0
         async for chunk in response.aiter_bytes():
             size += len(chunk)
-            if size > self.max_bytes:
-                raise self._too_large(param)
+            if size > fetch.max_bytes:
+                raise fetch.too_large()
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _too_large(self, param: str) -> GatewayError:
+
+@dataclass(frozen=True)
+class _Fetch:
+    """One fetch: the request part it is for, what it fetches, and its byte cap."""
+
+    param: str
+    kind: str
+    max_bytes: int
+
+    def too_large(self) -> GatewayError:
         return GatewayError(
-            413, f"{param}: the image is larger than the limit of {self.max_bytes} bytes", param
+            413,
+            f"{self.param}: the {self.kind} is larger than the limit of {self.max_bytes} bytes",
+            self.param,
         )

@@ -1,4 +1,4 @@
-"""What the gateway's routes share: settings, metrics, the engine client, the image fetcher."""
+"""What the gateway's routes share: settings, metrics, the engine client, the media fetcher."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from server.accounting import ModelGeometry
 from server.config import Settings
 from server.metrics import Metrics
-from server.remote import RemoteImages
+from server.remote import RemoteMedia
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Gateway:
     settings: Settings
     metrics: Metrics
     geometry: ModelGeometry | None
-    remote: RemoteImages
+    remote: RemoteMedia
     client: httpx.AsyncClient | None = None  # the engine; opened in the app's lifespan
     in_flight: int = 0
     served: set[str] = field(default_factory=set)  # model names the engine has answered for

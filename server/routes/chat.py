@@ -1,4 +1,4 @@
-"""``POST /v1/chat/completions``: resolve the pruning, check the images, forward, account."""
+"""``POST /v1/chat/completions``: resolve the pruning, check images and videos, forward, account."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.accounting import Size, visual_usage
+from server.accounting import visual_totals, visual_usage_by_modality
 from server.deps import Authorized
 from server.errors import GatewayError
-from server.images import check_images
+from server.media import Media, check_media
 from server.proxy import StreamBroken, relay_sse, request_json, send, sse_error
 from server.schemas import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse
 from server.state import Gateway, State
@@ -93,23 +93,25 @@ def upstream_body(
 
 
 def account(
-    gw: Gateway, model: str, sizes: list[Size], usage: dict[str, Any], knob: SparsityKnob | None
+    gw: Gateway, model: str, media: Media, usage: dict[str, Any], knob: SparsityKnob | None
 ) -> dict[str, Any]:
     """Usage extended with what pruning did (``visual_tokens``, ``sparsity``); metrics counted."""
     m, model = gw.metrics, gw.model_label(model, 200)  # usage comes with answers only
-    pruned = "true" if sizes and knob is not None and knob.enabled else "false"
+    pruned = "true" if media and knob is not None and knob.enabled else "false"
     details = usage.get("prompt_tokens_details") or {}
     m.prompt_tokens.labels(model=model, pruned=pruned).inc(usage["prompt_tokens"])
     m.prompt_tokens_cached.labels(model=model, pruned=pruned).inc(
         int(details.get("cached_tokens") or 0)
     )
-    usage = {**usage, "sparsity": knob.canonical() if knob is not None and sizes else None}
-    visual = visual_usage(gw.geometry, sizes, usage)
-    if visual is not None:
-        usage["visual_tokens"] = visual
-        m.visual_original.labels(model=model).inc(visual["original"])
-        m.visual_kept.labels(model=model).inc(visual["kept"])
-        m.visual_saved.labels(model=model).inc(visual["saved"])
+    usage = {**usage, "sparsity": knob.canonical() if knob is not None and media else None}
+    videos = [v.original_tokens for v in media.videos]
+    by_modality = visual_usage_by_modality(gw.geometry, media.images, usage, videos)
+    if by_modality is not None:
+        for modality, counts in by_modality.items():
+            m.visual_original.labels(model=model, modality=modality).inc(counts["original"])
+            m.visual_kept.labels(model=model, modality=modality).inc(counts["kept"])
+            m.visual_saved.labels(model=model, modality=modality).inc(counts["saved"])
+        usage["visual_tokens"] = visual = visual_totals(by_modality)
         if gw.geometry is not None and visual["saved"] > 0:
             flops = gw.geometry.flops_saved(visual["saved"], int(usage["prompt_tokens"]))
             m.flops_saved.labels(model=model).inc(flops)
@@ -153,7 +155,8 @@ async def chat_completions(
         _log(request, model, final, started, knob)
 
     try:
-        sizes = await check_images(body.messages, settings, gw.remote)
+        count_video = gw.geometry.count_video if gw.geometry is not None else None
+        media = await check_media(body.messages, settings, gw.remote, count_video)
         payload = upstream_body(body, knob, settings.max_output_tokens)
         headers = {"X-Request-Id": request.state.request_id}
         if not body.stream:
@@ -163,7 +166,7 @@ async def chat_completions(
             ttft = time.perf_counter() - started
             metrics.ttft.labels(model=gw.model_label(model, status)).observe(ttft)
             if status == 200 and data.get("usage"):
-                data["usage"] = account(gw, model, sizes, data["usage"], knob)
+                data["usage"] = account(gw, model, media, data["usage"], knob)
             return JSONResponse(data, status_code=status)
         resp = await send(
             gw.engine, metrics, "POST", CHAT, json=payload, headers=headers, stream=True
@@ -189,7 +192,7 @@ async def chat_completions(
             async for event in relay_sse(
                 resp,
                 keep_usage_chunk=include_usage,
-                on_usage=lambda usage: account(gw, model, sizes, usage, knob),
+                on_usage=lambda usage: account(gw, model, media, usage, knob),
                 on_first_token=lambda: metrics.ttft.labels(model=model).observe(
                     time.perf_counter() - started
                 ),
