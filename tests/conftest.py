@@ -82,11 +82,18 @@ def llava_next_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iter
     )
 
 
+VIDEOS_PER_PROMPT = 2  # the Qwen2.5-VL engines take videos (two per prompt at most)
+
+
 @pytest.fixture(scope="session")
 def qwen_server(fixture_models: dict[str, Path], tmp_path_factory) -> Iterator[VllmServer]:
     trace = tmp_path_factory.mktemp("trace-qwen") / "selection.jsonl"
     yield from serve_traced(
-        fixture_models["qwen2.5-vl"], trace, max_model_len=8192, block_size=BLOCK_SIZE
+        fixture_models["qwen2.5-vl"],
+        trace,
+        max_model_len=8192,
+        block_size=BLOCK_SIZE,
+        videos_per_prompt=VIDEOS_PER_PROMPT,
     )
 
 

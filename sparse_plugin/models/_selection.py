@@ -194,6 +194,7 @@ class SparseEmbedMixin:
         if method == "temporal" and (frames is None or frames[0] == 1):
             method = "uniform"  # one frame: nothing repeats, so spread evenly
         recycled = feats[:0]
+        novel = None  # tokens the temporal stage left as candidates (traced), when it ran
         if method == "random":
             kept = core.random_indices(n, budget)
         elif method == "uniform":
@@ -216,6 +217,7 @@ class SparseEmbedMixin:
             candidates = None
             if temporal and frames is not None and frames[0] > 1:
                 candidates = core.novel_candidates(embeds, frames, temporal / COVERAGE_SCALE)
+                novel = int(candidates.sum())
             # whole rows: a recycled token merges its members' DeepStack features alike
             selection = core.select_visual_tokens(
                 feats,
@@ -237,6 +239,7 @@ class SparseEmbedMixin:
             kept=kept,
             recycled=len(recycled),
             context=[len(prefix), len(suffix)],
+            **({} if novel is None else {"novel": novel}),
             **trace,
         )
         return torch.cat([feats[kept], recycled], dim=0)

@@ -38,16 +38,27 @@ class Answer:
         return int(self.body["usage"]["prompt_tokens_details"]["multimodal_tokens"]["image"])
 
     @property
+    def video_tokens(self) -> int:
+        return int(self.body["usage"]["prompt_tokens_details"]["multimodal_tokens"]["video"])
+
+    @property
     def error(self) -> str:
         return str(self.body["error"]["message"])
 
 
 def chat_body(
-    model: str, images: list[Image.Image], question: str, knob: dict | None = None, max_tokens=6
+    model: str,
+    images: list[Image.Image],
+    question: str,
+    knob: dict | None = None,
+    max_tokens=6,
+    videos: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """One user turn: the images, then the videos (data URLs), then the question."""
     content: list[dict[str, Any]] = [
         {"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in images
     ]
+    content += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
     content.append({"type": "text", "text": question})
     body: dict[str, Any] = {
         "model": model,
@@ -69,8 +80,8 @@ class Chat:
         self.server = server
         self.model = Path(server.model).name
 
-    def __call__(self, images, question, knob=None, max_tokens=6) -> Answer:
-        return self.post(chat_body(self.model, images, question, knob, max_tokens))
+    def __call__(self, images, question, knob=None, max_tokens=6, videos=()) -> Answer:
+        return self.post(chat_body(self.model, images, question, knob, max_tokens, videos))
 
     def post(self, body: dict[str, Any]) -> Answer:
         r = httpx.post(f"{self.server.url}/v1/chat/completions", json=body, timeout=300)
@@ -89,12 +100,15 @@ class Chat:
 
         return asyncio.run(run())
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, label: str = "") -> float:
+        """Sum of a metric's samples (those whose labels contain ``label``, e.g.
+        ``modality="video"``)."""
         text = httpx.get(f"{self.server.url}/metrics", timeout=30).text
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
+                if label in line.rsplit(" ", 1)[0]:
+                    total += float(line.rsplit(" ", 1)[1])
         return total
 
 
