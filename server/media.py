@@ -26,7 +26,7 @@ from server.errors import GatewayError
 from server.remote import RemoteMedia
 from server.schemas import ImagePart, Message, UserMessage, VideoPart
 
-# Containers a `video_url` data URL may name; all of them decode with OpenCV's FFmpeg here.
+# Containers a `video_url` data URL may name (each checked to decode with OpenCV's FFmpeg here).
 # (vLLM reads `video/jpeg` as a comma-separated list of JPEG frames instead: not accepted.)
 VIDEO_TYPES = {
     "video/mp4",
@@ -35,7 +35,6 @@ VIDEO_TYPES = {
     "video/avi",
     "video/quicktime",
     "video/x-matroska",
-    "video/mpeg",
 }
 Part = TypeVar("Part", ImagePart, VideoPart)
 
