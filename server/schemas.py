@@ -40,7 +40,11 @@ class ImagePart(_Strict):
 
 
 class VideoURL(_Strict):
-    url: str = Field(min_length=1, description="`data:video/...;base64,...`.")
+    url: str = Field(
+        min_length=1,
+        description="`data:video/...;base64,...` (mp4, webm, avi, mov, mkv), or an http(s) URL "
+        "from a host the operator allows (the gateway fetches it; the engine never does).",
+    )
 
 
 class VideoPart(_Strict):
@@ -123,14 +127,14 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     sparsity: SparsityKnob | None = Field(
         None,
-        description="Visual-token pruning for this request's images. Absent: the gateway's "
-        "default. With the openai client: `extra_body={'sparsity': {...}}`.",
+        description="Visual-token pruning for this request's images and videos. Absent: the "
+        "gateway's default. With the openai client: `extra_body={'sparsity': {...}}`.",
     )
 
 
 # -- responses ---------------------------------------------------------------------------------
 class VisualTokenUsage(BaseModel):
-    original: int = Field(description="Visual tokens the images take without pruning.")
+    original: int = Field(description="Visual tokens the images and videos take unpruned.")
     kept: int = Field(description="Visual tokens the language model actually processed.")
     saved: int = Field(description="original - kept.")
 
