@@ -81,7 +81,7 @@ def test_probe_selects_what_the_models_own_attention_selects(
     assert answer.status == 200, answer.body
     (record,) = traced(qwen3_server)[before:]
 
-    seq = reference.sequence(reference.inputs([image], QUESTION), lambda n, grid: None)
+    seq = reference.sequence(reference.inputs([image], QUESTION), lambda n, grid, modality: None)
     span = seq.spans[0]
     assert record["num_visual"] == span.num_visual
     assert record["context"] == [span.offset, len(seq.embeds) - span.offset - span.num_visual]
@@ -101,7 +101,7 @@ def recycled_reference(
     tokens then the cluster means, each row's DeepStack levels merged with the same clusters
     (``merged_deepstack=False``: none for the merged rows, a wrong rule the test must see)."""
     x = ref.inputs([image], QUESTION)
-    full = ref.sequence(x, lambda n, grid: None)
+    full = ref.sequence(x, lambda n, grid, modality: None)
     span = full.spans[0]
     p, n = span.offset, span.num_visual
     out = ref.model.model.get_image_features(x["pixel_values"], x["image_grid_thw"])

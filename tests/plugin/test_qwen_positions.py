@@ -15,15 +15,20 @@ not catch a wrong position rule or a wrong DeepStack selection.
 
 from __future__ import annotations
 
+import base64
+import tempfile
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 from sparse_plugin.core import uniform_indices
+from tests.conftest import shapes_video, video_data_url
 from tests.plugin.conftest import Answer, Chat, chat_body, shapes_image
 from tests.plugin.qwen_reference import QwenReference
 
@@ -54,7 +59,7 @@ def reference_answer(
     x = ref.inputs(images, QUESTION)
     seq = ref.sequence(
         x,
-        lambda n, grid: uniform_indices(n, budget, grid) if budget < n else None,
+        lambda n, grid, modality: uniform_indices(n, budget, grid) if budget < n else None,
         compact=compact,
         deepstack_rows=(lambda kept: torch.arange(len(kept))) if deepstack == "first" else None,
     )
@@ -114,3 +119,85 @@ def test_positions_after_pruned_images_match_the_reference(
     if reference.has_deepstack:  # so does handing the LM the DeepStack features of other tokens
         _, wrong = reference_answer(reference, images, budget, deepstack="first")
         assert wrong != pytest.approx(logprobs, abs=LOGPROB_TOL)
+
+
+# -- videos (Qwen2.5-VL) --------------------------------------------------------------------------
+def decoded(url: str, fps: float) -> tuple[np.ndarray, float]:
+    """All frames of a video data URL, RGB, as OpenCV decodes them (the reference's input)."""
+    raw = base64.b64decode(url.split(",", 1)[1])
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(raw)
+        f.flush()
+        capture = cv2.VideoCapture(f.name)
+        frames = []
+        while (got := capture.read())[0]:
+            frames.append(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB))
+    return np.stack(frames), fps
+
+
+@pytest.fixture(scope="module")
+def video_reference(fixture_models: dict[str, Path]) -> QwenReference:
+    return QwenReference(fixture_models["qwen2.5-vl"], Qwen2_5_VLForConditionalGeneration)
+
+
+@torch.no_grad()
+def reference_video_answer(
+    ref: QwenReference, images, videos, budgets: dict[str, int], compact: bool = True
+) -> tuple[list[int], list[float]]:
+    """Greedy (token ids, logprobs), each item cut to its modality's ``uniform`` budget."""
+
+    def select(n: int, grid: tuple[int, int], modality: str) -> torch.Tensor | None:
+        k = budgets[modality]
+        if k >= n:
+            return None
+        # the engine spreads a multi-frame video along its token order (no 2-D grid)
+        return uniform_indices(n, k, grid if modality == "image" else None)
+
+    x = ref.inputs(images, QUESTION, [decoded(url, fps) for url, fps in videos])
+    seq = ref.sequence(x, select, compact=compact)
+    tokens, logprobs = [], []
+    for _ in range(STEPS):
+        logp = torch.log_softmax(ref.logits(seq)[-1].float(), -1)
+        tok = int(logp.argmax())
+        tokens.append(tok)
+        logprobs.append(float(logp[tok]))
+        seq = seq.extended(ref.embed(torch.tensor([tok])))
+    return tokens, logprobs
+
+
+CLIP_A = (8, 4.0, (224, 224))  # 288 tokens: 2 temporal steps of 12 x 12
+CLIP_B = (10, 2.0, (200, 300))  # 700 tokens: 5 steps of 10 x 14 (time positions reach 16)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "clips", "budgets"),
+    [
+        ([], [CLIP_A], {"image": 40, "video": 40}),  # a pruned video, then the question
+        ([(336, 336)], [CLIP_A], {"image": 30, "video": 50}),  # pruned image, pruned video
+        ([(800, 600)], [CLIP_B], {"image": 10_000, "video": 64}),  # whole image, pruned video
+        ([(1000, 260)], [CLIP_B], {"image": 24, "video": 10_000}),  # pruned image, whole video
+        ([], [CLIP_A, CLIP_B], {"image": 1, "video": 300}),  # whole 288, then pruned 700
+    ],
+)
+def test_positions_after_pruned_videos_match_the_reference(
+    qwen_server, video_reference: QwenReference, sizes, clips, budgets
+):
+    chat = Chat(qwen_server)
+    images = [shapes_image(i).resize(s) for i, s in enumerate(sizes)]
+    videos = [(video_data_url(shapes_video(i, f, size), fps=fps), fps) for i, (f, fps, size) in
+              enumerate(clips)]  # fmt: skip
+    knob = {"visual_tokens": budgets["image"], "video_tokens": budgets["video"]}
+    body = chat_body(chat.model, images, QUESTION, knob | {"method": "uniform"})
+    body["messages"][0]["content"][len(images) : len(images)] = [
+        {"type": "video_url", "video_url": {"url": url}} for url, _ in videos
+    ]
+    body |= {"max_tokens": STEPS, "return_tokens_as_token_ids": True}
+    r = httpx.post(f"{chat.server.url}/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    a = Answer(r.status_code, r.json())
+    tokens = [int(t.removeprefix("token_id:")) for t in a.tokens]
+    ref_tokens, ref_logprobs = reference_video_answer(video_reference, images, videos, budgets)
+    assert tokens == ref_tokens
+    assert a.logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_TOL)
+    _, wrong = reference_video_answer(video_reference, images, videos, budgets, compact=False)
+    assert wrong != pytest.approx(a.logprobs, abs=LOGPROB_TOL)
