@@ -23,7 +23,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import BLOCK_SIZE, image_data_url, serve_fresh
+from tests.conftest import (
+    BLOCK_SIZE,
+    VIDEOS_PER_PROMPT,
+    image_data_url,
+    serve_fresh,
+    shapes_video,
+    video_data_url,
+)
 from tests.plugin.conftest import Answer, Chat, shapes_image
 from tests.vllm_server import VllmServer
 
@@ -74,8 +81,11 @@ class Conversation:
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
 
-    def next_body(self, text: str, images: list[Image.Image] = ()) -> dict[str, Any]:
+    def next_body(
+        self, text: str, images: list[Image.Image] = (), videos: list[str] = ()
+    ) -> dict[str, Any]:
         parts = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in images]
+        parts += [{"type": "video_url", "video_url": {"url": url}} for url in videos]
         parts.append({"type": "text", "text": text})
         self.messages.append({"role": "user", "content": parts})
         body = {
@@ -96,8 +106,10 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": reply})
         return answer
 
-    def ask(self, chat: Chat, text: str, images: list[Image.Image] = ()) -> tuple[dict, Answer]:
-        body = self.next_body(text, images)
+    def ask(
+        self, chat: Chat, text: str, images: list[Image.Image] = (), videos: list[str] = ()
+    ) -> tuple[dict, Answer]:
+        body = self.next_body(text, images, videos)
         return body, self.record(chat.post(body))
 
 
@@ -130,7 +142,10 @@ def fresh(family: str, fixture_models, tmp_path_factory, request) -> Iterator[Fr
         return
     trace = tmp_path_factory.mktemp(f"fresh-{family}") / "selection.jsonl"
     name = f"{family}-fresh"
-    for server in serve_fresh(fixture_models[family], trace, max_model_len=8192, name=name):
+    videos = VIDEOS_PER_PROMPT if family == "qwen2.5-vl" else 0
+    for server in serve_fresh(
+        fixture_models[family], trace, max_model_len=8192, name=name, videos_per_prompt=videos
+    ):
         yield FreshEngine(server)
 
 
@@ -264,5 +279,62 @@ def test_prompt_scope_encodes_only_the_new_image_of_a_batch(chat: Chat, fresh: F
     asked = [conv.ask(chat, QUESTIONS[0], [known]), conv.ask(chat, QUESTIONS[1], [new])]
     assert chat.metric(MISSES) - misses == 2
     assert chat.metric(HITS) - hits == 1
+    for body, answer in asked:
+        assert_same_answer(answer, fresh.post(body))
+
+
+# -- videos (Qwen2.5-VL): the same conversation-stable behaviour -----------------------------------
+VIDEO_KNOB = {"visual_tokens": 48, "video_tokens": 64, "scope": "turn", "coverage": 0}
+
+
+def new_video() -> str:
+    """A clip no engine of this session has seen: 8 frames at 4 fps, 288 tokens."""
+    return video_data_url(shapes_video(next(_seeds), frames=8), fps=4.0)
+
+
+@pytest.mark.parametrize("script", ["video in turn 1", "image in turn 1, video in turn 3"])
+def test_turn_scope_video_conversation_reuses_every_cache(
+    family: str, chat: Chat, fresh: FreshEngine, script
+):
+    if family != "qwen2.5-vl":
+        pytest.skip("videos are pruned for Qwen2.5-VL")
+    video = new_video()
+    plan = (
+        [([], [video])] + [([], [])] * 4
+        if script == "video in turn 1"
+        else [([new_image()], []), ([], []), ([], [video]), ([], []), ([], [])]
+    )
+    conv = Conversation(chat.model, VIDEO_KNOB)
+    misses, traced = chat.metric(MISSES), len(records(chat.server))
+    fresh_traced = len(records(fresh.server))
+    asked = [conv.ask(chat, text, *turn) for turn, text in zip(plan, QUESTIONS, strict=True)]
+    items = sum(len(images) + len(videos) for images, videos in plan)
+
+    assert_prefix_cache_served_earlier_turns([answer for _, answer in asked])
+    assert chat.metric(MISSES) - misses == items  # the tower ran once per item ...
+    assert len(records(chat.server)) - traced == items  # ... and so did the selection
+    assert {r["modality"] for r in records(chat.server)[traced:]} >= {"video"}
+    for body, answer in asked:
+        assert_same_answer(answer, fresh.post(body))
+    kept: dict[str, set[str]] = {}  # selecting anew each turn, the reference agrees every turn
+    for r in records(fresh.server)[fresh_traced:]:
+        kept.setdefault(r["image"], set()).add(json.dumps(r["kept"]))
+    assert len(kept) == items and all(len(k) == 1 for k in kept.values()), kept
+
+
+def test_prompt_scope_video_reselects_each_turn_and_encodes_once(
+    family: str, chat: Chat, fresh: FreshEngine
+):
+    if family != "qwen2.5-vl":
+        pytest.skip("videos are pruned for Qwen2.5-VL")
+    video = new_video()
+    conv = Conversation(chat.model, {"video_tokens": 64, "scope": "prompt"})
+    misses, hits, before = chat.metric(MISSES), chat.metric(HITS), len(records(chat.server))
+    asked = [conv.ask(chat, q, [], [video] if i == 0 else []) for i, q in enumerate(QUESTIONS)]
+    selections = records(chat.server)[before:]
+    assert [r["modality"] for r in selections] == ["video"] * len(QUESTIONS)
+    assert len({json.dumps(r["kept"]) for r in selections}) > 1  # each question re-selected
+    assert chat.metric(MISSES) - misses == 1  # one tower run for the whole conversation
+    assert chat.metric(HITS) - hits == len(QUESTIONS) - 1
     for body, answer in asked:
         assert_same_answer(answer, fresh.post(body))
