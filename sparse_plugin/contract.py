@@ -66,7 +66,7 @@ class SparsityKnob(BaseModel):
         description="Videos: a token whose cosine similarity to the same place in the previous "
         "frame is at least this is a repeat, and repeats are dropped before the text-guided "
         "ranking (only what the budget still needs is taken from them). Unset: off (the "
-        "measured better setting, docs/BENCHMARKS.md). Methods `sparsevlm` and `fastv` only.",
+        "paper's ranking unchanged; docs/ALGORITHM.md). Methods `sparsevlm` and `fastv` only.",
     )
     max_visual_tokens: int | None = Field(
         None,

@@ -143,8 +143,10 @@ class SparseEmbedMixin:
         return feats, None
 
     def _visual_grid(self, num_visual: int, grid: Grid | None) -> tuple[int, int] | None:
-        if grid is not None and grid.size == num_visual and grid.t == 1:
-            return grid.h, grid.w
+        """The item's 2-D token grid: the family's own (None for a multi-frame video, which has
+        no single 2-D layout), else a square one when N is a square (LLaVA-1.5's 24 x 24)."""
+        if grid is not None and grid.size == num_visual:
+            return (grid.h, grid.w) if grid.t == 1 else None
         side = int(round(num_visual**0.5))
         return (side, side) if side * side == num_visual else None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sparse_plugin.core import uniform_indices
 from tests.conftest import BLOCK_SIZE, VIDEOS_PER_PROMPT, serve_model, shapes_video, video_data_url
 from tests.plugin.conftest import Chat, shapes_image
 from tests.smoke.test_families import qwen_resized, qwen_tokens
@@ -270,3 +271,16 @@ def test_the_temporal_stage_sets_repeats_aside(chat: Chat):
     assert set(range(step)) <= set(large["kept"]) and len(large["kept"]) == 300
     assert step < moved["novel"] < 6 * step
     assert "novel" not in temporal and max(temporal["kept"]) < step  # EVS-like: first step
+
+
+def test_uniform_spreads_a_video_along_its_tokens(chat: Chat):
+    """A multi-frame video has no single 2-D grid: `uniform` spreads K along its token order even
+    when N is a square (576 = 4 steps x 144 here), never over a made-up 24 x 24 grid."""
+    spec = (8, 2.0, (224, 224))  # 4 s -> 8 frames -> 4 temporal steps of 12 x 12
+    assert qwen_video_tokens(*spec) == 576
+    before = len(traced(chat))
+    knob = {"video_tokens": 64, "method": "uniform"}
+    assert chat([], Q1, knob, videos=(clip(11, spec),)).status == 200
+    (record,) = traced(chat)[before:]
+    assert record["kept"] == uniform_indices(576, 64, None).tolist()
+    assert record["kept"] != uniform_indices(576, 64, (24, 24)).tolist()
