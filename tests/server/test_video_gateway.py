@@ -1,5 +1,5 @@
 """Videos through the gateway (issue 19): accepted containers, limits, remote videos, and usage
-that is exact against the real vLLM engine (Qwen2.5-VL fixture, one engine for the module)."""
+that is exact against the real vLLM engine (the session's Qwen2.5-VL fixture engine)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from server.config import SettingsError, load_settings
 from server.launch import build_parser, engine_command
 from server.launch import gateway_settings as serve_settings
-from tests.conftest import BLOCK_SIZE, image_data_url, serve_model, shapes_video, video_bytes
+from tests.conftest import image_data_url, shapes_video, video_bytes
 from tests.gateway_fixtures import LiveGateway, gateway_settings, start_gateway
 from tests.plugin.conftest import shapes_image
 from tests.smoke.test_families import FORMULAS
@@ -120,10 +120,9 @@ def test_serve_gives_video_checkpoints_a_video_limit(fixture_models, family, vid
 
 # --- the engine, and gateways in front of it ------------------------------------------------
 @pytest.fixture(scope="module")
-def video_engine(fixture_models) -> Iterator[VllmServer]:
-    yield from serve_model(
-        fixture_models[MODEL], max_model_len=8192, block_size=BLOCK_SIZE, videos_per_prompt=1
-    )
+def video_engine(qwen_server: VllmServer) -> VllmServer:
+    """The session's Qwen2.5-VL plugin engine (it takes videos): no engine of its own."""
+    return qwen_server
 
 
 @pytest.fixture(scope="module")
