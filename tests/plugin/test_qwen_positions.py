@@ -44,6 +44,19 @@ FAMILIES = {
 
 
 @torch.no_grad()
+def greedy(ref: QwenReference, seq) -> tuple[list[int], list[float]]:
+    """STEPS greedy tokens of HF's decoder after ``seq``, with their logprobs."""
+    tokens, logprobs = [], []
+    for _ in range(STEPS):
+        logp = torch.log_softmax(ref.logits(seq)[-1].float(), -1)
+        tok = int(logp.argmax())
+        tokens.append(tok)
+        logprobs.append(float(logp[tok]))
+        seq = seq.extended(ref.embed(torch.tensor([tok])))
+    return tokens, logprobs
+
+
+@torch.no_grad()
 def reference_answer(
     ref: QwenReference,
     images: list[Image.Image],
@@ -63,14 +76,7 @@ def reference_answer(
         compact=compact,
         deepstack_rows=(lambda kept: torch.arange(len(kept))) if deepstack == "first" else None,
     )
-    tokens, logprobs = [], []
-    for _ in range(STEPS):
-        logp = torch.log_softmax(ref.logits(seq)[-1].float(), -1)
-        tok = int(logp.argmax())
-        tokens.append(tok)
-        logprobs.append(float(logp[tok]))
-        seq = seq.extended(ref.embed(torch.tensor([tok])))
-    return tokens, logprobs
+    return greedy(ref, seq)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -155,14 +161,7 @@ def reference_video_answer(
 
     x = ref.inputs(images, QUESTION, [decoded(url, fps) for url, fps in videos])
     seq = ref.sequence(x, select, compact=compact)
-    tokens, logprobs = [], []
-    for _ in range(STEPS):
-        logp = torch.log_softmax(ref.logits(seq)[-1].float(), -1)
-        tok = int(logp.argmax())
-        tokens.append(tok)
-        logprobs.append(float(logp[tok]))
-        seq = seq.extended(ref.embed(torch.tensor([tok])))
-    return tokens, logprobs
+    return greedy(ref, seq)
 
 
 CLIP_A = (8, 4.0, (224, 224))  # 288 tokens: 2 temporal steps of 12 x 12
