@@ -2,7 +2,9 @@
 
 Starts ``vllm`` as a subprocess on 127.0.0.1 with ``--trust-request-mm-kwargs`` (safe only
 because nothing but the gateway can reach it), waits until it is healthy, then runs the gateway
-in this process. Ctrl-C / SIGTERM stop both.
+in this process. With ``--replicas N`` it starts N engines and ``vllm-router`` in front of them
+(consistent hashing on the gateway's per-conversation ``X-Session-Id``), and the gateway talks to
+the router. Ctrl-C / SIGTERM stop everything; if any child exits, serve exits 1.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,30 +72,78 @@ def engine_command(model: str, port: int, name: str, args: argparse.Namespace) -
     return cmd + list(args.engine_args)
 
 
+# vllm-router policies (`vllm-router --help`). consistent_hash keys on X-Session-Id, which the
+# gateway sets per conversation: every turn of a chat reaches the replica holding its prefix cache.
+ROUTER_POLICIES = [
+    "consistent_hash", "cache_aware", "sticky_least_loaded", "power_of_two", "round_robin",
+    "random",
+]  # fmt: skip
+
+
+def router_command(
+    binary: str, port: int, workers: list[str], policy: str, metrics_port: int
+) -> list[str]:
+    cmd = [binary, "--host", "127.0.0.1", "--port", str(port), "--policy", policy]
+    cmd += ["--worker-urls", *workers]
+    # its own metrics on a free loopback port (the default 29000 would collide between serves);
+    # warning level: consistent_hash logs one INFO line per request
+    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+    return cmd + ["--log-level", "warning", "--worker-startup-check-interval", "1"]
+
+
+def router_binary() -> str | None:
+    """``vllm-router`` next to this interpreter (a venv not on PATH), else on PATH."""
+    local = Path(sys.executable).parent / "vllm-router"
+    return str(local) if local.exists() else shutil.which("vllm-router")
+
+
+def replica_cores(replicas: int) -> list[str]:
+    """Disjoint OpenMP core lists, one per engine (``VLLM_CPU_OMP_THREADS_BIND``): vLLM's
+    automatic binding would put every engine on the same cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if replicas > len(cores):
+        raise SettingsError(
+            f"--replicas {replicas}: the CPU engines need a core each, and this machine allows "
+            f"{len(cores)}"
+        )
+    share = len(cores) // replicas
+    return [",".join(map(str, cores[i * share : (i + 1) * share])) for i in range(replicas)]
+
+
 class EngineFailed(RuntimeError):
     """The engine exited or never became healthy."""
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_healthy(
+    url: str, proc: subprocess.Popen[bytes], timeout: float, what: str = "the vLLM engine"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise EngineFailed(
-                f"the vLLM engine exited with code {proc.returncode} during start-up"
-            )
+            raise EngineFailed(f"{what} exited with code {proc.returncode} during start-up")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise EngineFailed(f"the vLLM engine was not healthy after {timeout:.0f}s")
+    raise EngineFailed(f"{what} was not healthy after {timeout:.0f}s")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return value
 
 
 def non_negative(text: str) -> float:
@@ -111,7 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="name clients send as `model`")
     p.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
-    p.add_argument("--engine-port", type=int, default=0, help="engine port (default: free)")
+    p.add_argument(
+        "--engine-port",
+        type=int,
+        default=0,
+        help="engine port; replica i takes PORT+i (default: free ports)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=1,
+        help="engines behind vllm-router (default 1: no router); on CPU each engine gets its "
+        "own cores",
+    )
+    p.add_argument(
+        "--router-policy",
+        choices=ROUTER_POLICIES,
+        default="consistent_hash",
+        help="vllm-router policy with --replicas > 1 (default consistent_hash: every turn of a "
+        "conversation reaches one replica)",
+    )
+    p.add_argument("--router-port", type=int, default=0, help="router port (default: free)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-images", type=int, default=4, help="images per request")
     p.add_argument(
@@ -171,48 +242,67 @@ def gateway_settings(args: argparse.Namespace, model: str, engine_url: str) -> S
     return load_settings(**overrides)
 
 
-async def serve_supervised(app: object, host: str, port: int, engine: subprocess.Popen) -> int:
-    """Serve the gateway until it stops, or until the engine exits (then exit code 1)."""
+async def serve_supervised(
+    app: object, host: str, port: int, children: dict[str, subprocess.Popen]
+) -> int:
+    """Serve the gateway until it stops, or until a child (engine, router) exits (then 1)."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     serving = asyncio.create_task(server.serve())
     while not serving.done():
-        if engine.poll() is not None:
-            print(  # noqa: T201
-                f"sparsevlm: the vLLM engine exited with code {engine.returncode}; stopping the "
-                "gateway (a supervisor should restart the service)",
-                file=sys.stderr,
-                flush=True,
-            )
-            server.should_exit = True
-            await serving
-            return 1
+        for what, proc in children.items():
+            if proc.poll() is not None:
+                print(  # noqa: T201
+                    f"sparsevlm: {what} exited with code {proc.returncode}; stopping the "
+                    "gateway (a supervisor should restart the service)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                server.should_exit = True
+                await serving
+                return 1
         await asyncio.sleep(0.5)
     return 0
+
+
+def engine_env(args: argparse.Namespace, cores: str | None) -> dict[str, str]:
+    env = {**os.environ}
+    # vLLM's legacy variable would override an explicit --kv-cache-memory-bytes
+    sized = any(a.startswith("--kv-cache-memory-bytes") for a in args.engine_args)
+    if args.cpu and not sized:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.vision_cache_mb is not None:
+        env["SPARSEVLM_VISION_CACHE_MB"] = str(args.vision_cache_mb)
+    if cores is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model = args.model or str(default_model())
     name = args.served_model_name or Path(model).name
-    engine_port = args.engine_port or free_port()
-    engine_url = f"http://127.0.0.1:{engine_port}"
-    try:  # every setting is checked before the engine's minute-long start
-        settings = gateway_settings(args, model, engine_url)
+    replicas = range(args.replicas)
+    ports = [args.engine_port + i if args.engine_port else free_port() for i in replicas]
+    engine_urls = [f"http://127.0.0.1:{port}" for port in ports]
+    scaled = args.replicas > 1
+    router_port = args.router_port or free_port()
+    upstream = f"http://127.0.0.1:{router_port}" if scaled else engine_urls[0]
+    router = router_binary()
+    try:  # every setting is checked before the engines' minute-long start
+        settings = gateway_settings(args, model, upstream)
+        if scaled and router is None:
+            raise SettingsError(
+                "--replicas needs vllm-router (pip install 'sparsevlm-serve[router]')"
+            )
+        # an operator's own binding (VLLM_CPU_OMP_THREADS_BIND) is passed to every engine as is
+        split = scaled and args.cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+        cores = replica_cores(args.replicas) if split else [None] * args.replicas
     except SettingsError as exc:
         print(f"sparsevlm serve: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    env = {**os.environ}
-    if args.cpu:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    if args.vision_cache_mb is not None:
-        env["SPARSEVLM_VISION_CACHE_MB"] = str(args.vision_cache_mb)
-    # its own process group: stopping it (or sweeping up after it died) reaches its engine-core
-    # and worker processes too
-    engine = subprocess.Popen(
-        engine_command(model, engine_port, name, args), env=env, start_new_session=True
-    )
+    children: dict[str, subprocess.Popen] = {}
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
@@ -220,8 +310,29 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     code = 0
     try:
-        print(f"sparsevlm: starting the vLLM engine for {model} ...", flush=True)  # noqa: T201
-        wait_healthy(engine_url, engine, args.engine_startup_timeout)
+        for i, (port, url) in enumerate(zip(ports, engine_urls, strict=True)):
+            what = f"the vLLM engine (replica {i})" if scaled else "the vLLM engine"
+            # its own process group: stopping it (or sweeping up after it died) reaches its
+            # engine-core and worker processes too
+            children[what] = subprocess.Popen(
+                engine_command(model, port, name, args),
+                env=engine_env(args, cores[i]),
+                start_new_session=True,
+            )
+            print(f"sparsevlm: starting {what} for {model} at {url} ...", flush=True)  # noqa: T201
+        deadline = time.monotonic() + args.engine_startup_timeout
+        for (what, proc), url in zip(children.items(), engine_urls, strict=True):
+            wait_healthy(url, proc, max(deadline - time.monotonic(), 1.0), what)
+        if scaled:
+            assert router is not None
+            cmd = router_command(router, router_port, engine_urls, args.router_policy, free_port())
+            children["the router"] = proc = subprocess.Popen(cmd, start_new_session=True)
+            wait_healthy(upstream, proc, 120, "the router")
+            print(  # noqa: T201
+                f"sparsevlm: vllm-router ({args.router_policy}) at {upstream} in front of "
+                f"{args.replicas} engines",
+                flush=True,
+            )
         from server.main import create_app
 
         base = f"http://{args.host}:{args.port}"
@@ -230,29 +341,38 @@ def main(argv: list[str] | None = None) -> int:
             f"{base}/metrics)\n  try: curl {base}/v1/models",
             flush=True,
         )
-        code = asyncio.run(serve_supervised(create_app(settings), args.host, args.port, engine))
+        app = create_app(settings)
+        code = asyncio.run(serve_supervised(app, args.host, args.port, children))
     except KeyboardInterrupt:
         pass
     except EngineFailed as exc:
         print(f"sparsevlm: {exc}", file=sys.stderr)  # noqa: T201
         code = 1
     finally:
-        stop_engine(engine)
+        stop_all(list(children.values()))
     return code
 
 
-def stop_engine(engine: subprocess.Popen) -> None:
-    """SIGINT the engine's process group, wait, then kill whatever of it is left."""
-    try:
-        if engine.poll() is None:
-            os.killpg(engine.pid, signal.SIGINT)
+def stop_all(procs: list[subprocess.Popen], grace: float = 30) -> None:
+    """SIGINT every child's process group at once, wait (shared deadline), then kill what is
+    left of each group (orphans of a crashed API server, if any)."""
+    for proc in procs:
+        if proc.poll() is None:
             try:
-                engine.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGINT)
+            except ProcessLookupError:
                 pass
-        os.killpg(engine.pid, signal.SIGKILL)  # orphans of a crashed API server, if any
-    except ProcessLookupError:
-        pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 if __name__ == "__main__":

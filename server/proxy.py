@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from server.errors import GatewayError
 from server.metrics import Metrics
+
+# The routing key of a conversation, for a router in front of several engines (vllm-router's
+# consistent_hash reads it before any other header, X-Request-Id included).
+SESSION_HEADER = "X-Session-Id"
+
+
+def session_key(messages: Sequence[BaseModel], client_key: str | None = None) -> str:
+    """One key per conversation: a digest of its opening (system prompt and first user turn,
+    images included), which a chat client resends unchanged with every follow-up; or of the
+    client's own ``X-Session-Id`` where it sends one (e.g. when it trims early turns)."""
+    digest = hashlib.sha256()
+    if client_key:
+        digest.update(b"client:" + client_key.encode())
+    else:
+        for message in messages:
+            dumped = message.model_dump(mode="json", exclude_none=True)
+            digest.update(json.dumps(dumped, sort_keys=True).encode())
+            if dumped.get("role") == "user":
+                break
+    return digest.hexdigest()[:32]
 
 
 def classify(exc: httpx.HTTPError) -> tuple[str, GatewayError]:

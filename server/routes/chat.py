@@ -15,7 +15,15 @@ from server.accounting import visual_totals, visual_usage_by_modality
 from server.deps import Authorized
 from server.errors import GatewayError
 from server.media import Media, check_media
-from server.proxy import StreamBroken, relay_sse, request_json, send, sse_error
+from server.proxy import (
+    SESSION_HEADER,
+    StreamBroken,
+    relay_sse,
+    request_json,
+    send,
+    session_key,
+    sse_error,
+)
 from server.schemas import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse
 from server.state import Gateway, State
 from sparse_plugin.contract import KNOB_KEY, SparsityKnob
@@ -158,7 +166,10 @@ async def chat_completions(
         count_video = gw.geometry.count_video if gw.geometry is not None else None
         media = await check_media(body.messages, settings, gw.remote, count_video)
         payload = upstream_body(body, knob, settings.max_output_tokens)
-        headers = {"X-Request-Id": request.state.request_id}
+        headers = {
+            "X-Request-Id": request.state.request_id,
+            SESSION_HEADER: session_key(body.messages, request.headers.get(SESSION_HEADER)),
+        }
         if not body.stream:
             status, data = await request_json(
                 gw.engine, metrics, "POST", CHAT, json=payload, headers=headers
