@@ -9,11 +9,13 @@ COPY pyproject.toml README.md ./
 COPY sparse_plugin ./sparse_plugin
 COPY server ./server
 
-# vLLM, torch and transformers come from the base image; add only what the gateway needs.
+# vLLM, torch and transformers come from the base image; add only what the gateway needs, and
+# vllm-router (the router service of docker-compose.yml; the pin of pyproject's router extra).
 RUN python3 -m pip install --no-cache-dir --no-deps . \
  && python3 -m pip install --no-cache-dir \
       "fastapi>=0.115" "uvicorn>=0.30" "httpx>=0.27" "pydantic-settings>=2.3" "prometheus-client>=0.20" \
- && python3 -c "import sparse_plugin.contract, server.main"
+      "vllm-router==0.1.17" \
+ && python3 -c "import sparse_plugin.contract, server.main" && vllm-router --help > /dev/null
 
 RUN useradd --create-home --uid 10001 sparsevlm \
  && mkdir -p /home/sparsevlm/.cache/huggingface && chown -R sparsevlm /home/sparsevlm

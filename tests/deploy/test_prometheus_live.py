@@ -106,13 +106,13 @@ def _traffic(gateway, rounds: int = 4) -> None:
 
 def _queries() -> list[tuple[str, str]]:
     return [
-        (panel["title"], target["expr"].replace("$model", ".*"))
+        (panel["title"], target["expr"].replace("$model", ".*").replace("$replica", ".*"))
         for panel in DASHBOARD["panels"]
         for target in panel["targets"]
     ]
 
 
-def test_every_dashboard_query_returns_data(prometheus, gateway):
+def test_every_dashboard_query_returns_data(prometheus, gateway, llava_server):
     _traffic(gateway)
     time.sleep(3)
     empty = []
@@ -126,6 +126,11 @@ def test_every_dashboard_query_returns_data(prometheus, gateway):
     metric = var.removeprefix("label_values(").split(",")[0]
     r = httpx.get(f"{prometheus}/api/v1/series", params={"match[]": metric}).json()
     assert {s["model"] for s in r["data"]} == {"llava-1.5"}
+    # the replica variable lists the engine instances Prometheus scrapes (here: the one)
+    var = next(v for v in DASHBOARD["templating"]["list"] if v["name"] == "replica")
+    metric = var["query"]["query"].removeprefix("label_values(").rsplit(",", 1)[0]
+    r = httpx.get(f"{prometheus}/api/v1/series", params={"match[]": metric}).json()
+    assert {s["instance"] for s in r["data"]} == {urlparse(llava_server.url).netloc}
 
     png = ROOT / ".cache" / "dashboard.png"
     render(prometheus, png)
@@ -149,7 +154,7 @@ def render(prometheus: str, out: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(14, 3.0 * rows))
     for ax, panel in zip(axes.flat, panels, strict=False):
         for target in panel["targets"]:
-            expr = target["expr"].replace("$model", ".*")
+            expr = target["expr"].replace("$model", ".*").replace("$replica", ".*")
             data = httpx.get(
                 f"{prometheus}/api/v1/query_range",
                 params={"query": expr, "start": start, "end": end, "step": 2},
