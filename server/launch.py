@@ -97,17 +97,36 @@ def router_binary() -> str | None:
     return str(local) if local.exists() else shutil.which("vllm-router")
 
 
-def replica_cores(replicas: int) -> list[str]:
-    """Disjoint OpenMP core lists, one per engine (``VLLM_CPU_OMP_THREADS_BIND``): vLLM's
-    automatic binding would put every engine on the same cores."""
-    cores = sorted(os.sched_getaffinity(0))
-    if replicas > len(cores):
+def replica_devices(replicas: int, cpu: bool) -> list[dict[str, str]]:
+    """Per engine, the environment that gives it its own devices. CPU: disjoint OpenMP core
+    lists (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's automatic binding would put every engine on the
+    same cores), unless the operator set that variable. GPU: disjoint ``CUDA_VISIBLE_DEVICES``
+    (of those visible: the variable, else ``nvidia-smi -L``), as many per engine as divide."""
+    if replicas == 1:
+        return [{}]
+    if cpu:
+        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+            return [{}] * replicas
+        name, kind = "VLLM_CPU_OMP_THREADS_BIND", "CPU core"
+        devices = [str(c) for c in sorted(os.sched_getaffinity(0))]
+    else:
+        name, kind = "CUDA_VISIBLE_DEVICES", "GPU"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            devices = [d.strip() for d in visible.split(",") if d.strip()]
+        else:
+            try:
+                listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+                devices = [str(i) for i, _ in enumerate(listed.stdout.splitlines())]
+            except OSError:
+                devices = []
+    if replicas > len(devices):
         raise SettingsError(
-            f"--replicas {replicas}: the CPU engines need a core each, and this machine allows "
-            f"{len(cores)}"
+            f"--replicas {replicas}: each engine needs its own {kind}, and {len(devices)} "
+            f"{'is' if len(devices) == 1 else 'are'} available"
         )
-    share = len(cores) // replicas
-    return [",".join(map(str, cores[i * share : (i + 1) * share])) for i in range(replicas)]
+    share = len(devices) // replicas
+    return [{name: ",".join(devices[i * share : (i + 1) * share])} for i in range(replicas)]
 
 
 class EngineFailed(RuntimeError):
@@ -172,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas",
         type=positive_int,
         default=1,
-        help="engines behind vllm-router (default 1: no router); on CPU each engine gets its "
-        "own cores",
+        help="engines behind vllm-router (default 1: no router); each gets its own CPU cores "
+        "(CPU) or GPUs (--gpu)",
     )
     p.add_argument(
         "--router-policy",
@@ -266,7 +285,7 @@ async def serve_supervised(
     return 0
 
 
-def engine_env(args: argparse.Namespace, cores: str | None) -> dict[str, str]:
+def engine_env(args: argparse.Namespace, devices: dict[str, str]) -> dict[str, str]:
     env = {**os.environ}
     # vLLM's legacy variable would override an explicit --kv-cache-memory-bytes
     sized = any(a.startswith("--kv-cache-memory-bytes") for a in args.engine_args)
@@ -274,9 +293,7 @@ def engine_env(args: argparse.Namespace, cores: str | None) -> dict[str, str]:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if args.vision_cache_mb is not None:
         env["SPARSEVLM_VISION_CACHE_MB"] = str(args.vision_cache_mb)
-    if cores is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
-    return env
+    return env | devices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SettingsError(
                 "--replicas needs vllm-router (pip install 'sparsevlm-serve[router]')"
             )
-        # an operator's own binding (VLLM_CPU_OMP_THREADS_BIND) is passed to every engine as is
-        split = scaled and args.cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
-        cores = replica_cores(args.replicas) if split else [None] * args.replicas
+        devices = replica_devices(args.replicas, args.cpu)
     except SettingsError as exc:
         print(f"sparsevlm serve: {exc}", file=sys.stderr)  # noqa: T201
         return 2
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             # engine-core and worker processes too
             children[what] = subprocess.Popen(
                 engine_command(model, port, name, args),
-                env=engine_env(args, cores[i]),
+                env=engine_env(args, devices[i]),
                 start_new_session=True,
             )
             print(f"sparsevlm: starting {what} for {model} at {url} ...", flush=True)  # noqa: T201

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server.launch import EngineFailed, wait_healthy
+from server.config import SettingsError
+from server.launch import EngineFailed, replica_devices, wait_healthy
 from tests.conftest import BLOCK_SIZE, TEST_KV_BYTES
 from tests.gateway_fixtures import API_KEY, gateway_settings, start_gateway
 from tests.plugin.conftest import shapes_image
@@ -117,7 +118,10 @@ def replay(url: str, bodies: list[dict]) -> list[int]:
     [
         (["--replicas", "0"], "--replicas: expected a whole number ≥ 1, got '0'"),
         (["--replicas", "two"], "expected a whole number ≥ 1, got 'two'"),
-        (["--replicas", str(len(os.sched_getaffinity(0)) + 1)], "need a core each"),
+        (
+            ["--replicas", str(len(os.sched_getaffinity(0)) + 1)],
+            "each engine needs its own CPU core",
+        ),
         (["--replicas", "2", "--router-policy", "nope"], "invalid choice: 'nope'"),
     ],
 )
@@ -127,6 +131,21 @@ def test_bad_replica_flags_are_one_line_and_exit_2_before_any_engine(flags, word
     out = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and words in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and time.monotonic() - t0 < 30  # no engine was started
+
+
+def test_gpu_replicas_get_disjoint_devices(monkeypatch):
+    """(No GPU here: the split alone.) Each engine sees only its own GPUs."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert replica_devices(2, cpu=False) == [
+        {"CUDA_VISIBLE_DEVICES": "0,1"},
+        {"CUDA_VISIBLE_DEVICES": "2,3"},
+    ]
+    assert replica_devices(1, cpu=False) == [{}]  # one engine: today's behaviour
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(SettingsError, match="each engine needs its own GPU, and 1 is available"):
+        replica_devices(2, cpu=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the operator's binding: as is
+    assert replica_devices(2, cpu=True) == [{}, {}]
 
 
 def test_follow_ups_reach_their_replica_and_its_prefix_cache(served):
