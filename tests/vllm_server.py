@@ -48,7 +48,9 @@ class VllmServer:
         dtype: str = "float32",  # deterministic numerics for exact A/B comparisons
         block_size: int | None = None,  # KV block tokens (CPU: multiples of 32, default 128)
         kv_cache_bytes: int | None = None,  # KV cache size; default VLLM_CPU_KVCACHE_SPACE GiB
+        start_timeout: float = 300.0,  # start()'s default (multi-process engines start slower)
     ) -> None:
+        self.start_timeout = start_timeout
         self.model = str(model)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -80,7 +82,8 @@ class VllmServer:
             self.env.pop("VLLM_CPU_KVCACHE_SPACE")
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 300.0) -> VllmServer:
+    def start(self, timeout: float | None = None) -> VllmServer:
+        timeout = self.start_timeout if timeout is None else timeout
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
