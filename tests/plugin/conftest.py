@@ -46,6 +46,15 @@ class Answer:
         return str(self.body["error"]["message"])
 
 
+LOGPROB_TOL = 1e-4  # one engine's answer vs another's (fp32 on CPU; warm vs cold caches)
+
+
+def assert_same_answer(a: Answer, b: Answer) -> None:
+    assert a.status == b.status == 200, (a.body, b.body)
+    assert a.tokens == b.tokens
+    assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOL)
+
+
 def chat_body(
     model: str,
     images: list[Image.Image],
@@ -99,6 +108,13 @@ class Chat:
                 return await asyncio.gather(*(one(a) for a in requests))
 
         return asyncio.run(run())
+
+    def assert_batch_equals_solo(self, requests: list[tuple]) -> None:
+        """The requests answered one at a time and all at once (one batch) answer alike."""
+        solo = [self(*r) for r in requests]
+        for s, b in zip(solo, self.many(requests), strict=True):
+            assert_same_answer(s, b)
+            assert s.prompt_tokens == b.prompt_tokens
 
     def metric(self, name: str, label: str = "") -> float:
         """Sum of a metric's samples (those whose labels contain ``label``, e.g.

@@ -31,7 +31,7 @@ from tests.conftest import (
     shapes_video,
     video_data_url,
 )
-from tests.plugin.conftest import Answer, Chat, shapes_image
+from tests.plugin.conftest import Answer, Chat, assert_same_answer, shapes_image
 from tests.vllm_server import VllmServer
 
 pytestmark = pytest.mark.engine
@@ -42,7 +42,6 @@ SERVER_FIXTURE = {
     "llava-next": "llava_next_server",
     "qwen2.5-vl": "qwen_server",
 }
-LOGPROB_TOL = 1e-4
 # Top-K (coverage 0): on the random-weight fixtures, coverage's spread can make two questions
 # select alike, and these tests need them to differ to show that selections are not shared.
 KNOB = {"visual_tokens": 64, "scope": "turn", "coverage": 0}
@@ -147,12 +146,6 @@ def fresh(family: str, fixture_models, tmp_path_factory, request) -> Iterator[Fr
         fixture_models[family], trace, max_model_len=8192, name=name, videos_per_prompt=videos
     ):
         yield FreshEngine(server)
-
-
-def assert_same_answer(a: Answer, b: Answer) -> None:
-    assert a.status == b.status == 200, (a.body, b.body)
-    assert a.tokens == b.tokens
-    assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOL)
 
 
 def assert_prefix_cache_served_earlier_turns(answers: list[Answer]) -> None:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import BLOCK_SIZE, serve_model
-from tests.plugin.conftest import Chat, shapes_image
+from tests.plugin.conftest import LOGPROB_TOL, Chat, assert_same_answer, shapes_image
 from tests.smoke.test_families import FORMULAS
 from tests.vllm_server import VllmServer
 
@@ -31,14 +31,7 @@ SERVER_FIXTURE = {
 }
 Q1 = "What color is the circle?"
 Q2 = "How many triangles are there?"
-LOGPROB_TOL = 1e-4
 SIZES = [(336, 336), (800, 600), (300, 900), (1000, 260)]  # square, 4:3, tall, wide
-
-
-def assert_same_answer(a, b) -> None:
-    assert a.status == b.status == 200, (a.body, b.body)
-    assert a.tokens == b.tokens
-    assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOL)
 
 
 def sized(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -150,11 +143,7 @@ def test_mixed_batch_equals_solo(chat: Chat):
         ([b, c], Q1, {"visual_tokens": 100, "method": "fastv"}),
         ([c], "Describe the image in detail.", {"method": "off"}),
     ]
-    solo = [chat(*r) for r in requests]
-    batched = chat.many(requests)
-    for s, bt in zip(solo, batched, strict=True):
-        assert_same_answer(s, bt)
-        assert s.prompt_tokens == bt.prompt_tokens
+    chat.assert_batch_equals_solo(requests)
 
 
 # 6. Bad knobs are 400s that name the field -----------------------------------------------------

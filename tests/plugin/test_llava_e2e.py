@@ -8,19 +8,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from sparse_plugin.fixtures.guided import BACKGROUND, RED
-from tests.plugin.conftest import Chat
+from tests.plugin.conftest import LOGPROB_TOL, Chat, assert_same_answer
 
 pytestmark = pytest.mark.engine
 
 Q1 = "What color is the circle?"
 Q2 = "How many triangles are there?"
-LOGPROB_TOL = 1e-4
-
-
-def assert_same_answer(a, b) -> None:
-    assert a.status == b.status == 200, (a.body, b.body)
-    assert a.tokens == b.tokens
-    assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOL)
 
 
 # 1. Off == stock --------------------------------------------------------------------------------

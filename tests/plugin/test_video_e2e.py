@@ -19,7 +19,7 @@ import pytest
 
 from sparse_plugin.core import uniform_indices
 from tests.conftest import BLOCK_SIZE, VIDEOS_PER_PROMPT, serve_model, shapes_video, video_data_url
-from tests.plugin.conftest import Chat, shapes_image
+from tests.plugin.conftest import LOGPROB_TOL, Chat, assert_same_answer, shapes_image
 from tests.smoke.test_families import qwen_resized, qwen_tokens
 from tests.vllm_server import VllmServer
 
@@ -27,7 +27,6 @@ pytestmark = pytest.mark.engine
 
 Q1 = "What color is the moving circle?"
 Q2 = "How many squares are there?"
-LOGPROB_TOL = 1e-4
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 100_352, 602_112  # the fixture's video processor, per frame
 
 # (frames in the file, its fps, (width, height)) -> video tokens, checked by hand
@@ -60,12 +59,6 @@ def clip(seed: int, spec: tuple[int, float, tuple[int, int]], moving: bool = Tru
 
 SPECS = list(CLIPS)
 SHORT = SPECS[0]  # 288 tokens: the cheap clip most tests use
-
-
-def assert_same_answer(a, b) -> None:
-    assert a.status == b.status == 200, (a.body, b.body)
-    assert a.tokens == b.tokens
-    assert a.logprobs == pytest.approx(b.logprobs, abs=LOGPROB_TOL)
 
 
 def traced(chat: Chat) -> list[dict]:
@@ -208,11 +201,7 @@ def test_mixed_image_and_video_batch_equals_solo(chat: Chat):
         ([a, b], Q1, {"keep_ratio": 0.2, "method": "fastv"}, 6, (v2,)),
         ([], Q2, {"video_tokens": 50, "method": "temporal"}, 6, (v2,)),
     ]
-    solo = [chat(*r) for r in requests]
-    batched = chat.many(requests)
-    for s, bt in zip(solo, batched, strict=True):
-        assert_same_answer(s, bt)
-        assert s.prompt_tokens == bt.prompt_tokens
+    chat.assert_batch_equals_solo(requests)
 
 
 # 5. Bad video fields are 400s that name the field ----------------------------------------------
