@@ -6,6 +6,7 @@ dying child stops serve with exit 1 and leaves nothing behind; bad flags are exi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,12 +65,15 @@ def served(fixture_models, tmp_path_factory) -> Iterator[Served]:
             wait_healthy(url, proc, timeout=600, what="sparsevlm serve")
         except EngineFailed as exc:
             pytest.fail(f"{exc}: {log.read_text()[-3000:]}")
-        engines = sorted(
-            (p for p in children(proc.pid) if "api_server" in cmdline(p)), key=engine_port
-        )
-        assert len(engines) == 2 and "vllm-router" in log.read_text()
-        urls = [f"http://127.0.0.1:{engine_port(p)}" for p in engines]
-        yield Served(proc, url, urls, engines, log)
+        # replica i's port, as serve announced it (ports are free ones, in no particular order)
+        text = log.read_text()
+        ports = [
+            int(m) for m in re.findall(r"\(replica \d+\) for \S+ at http://[\d.]+:(\d+)", text)
+        ]
+        by_port = {engine_port(p): p for p in children(proc.pid) if "api_server" in cmdline(p)}
+        assert sorted(by_port) == sorted(ports) and len(ports) == 2 and "vllm-router" in text
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        yield Served(proc, url, urls, [by_port[port] for port in ports], log)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
