@@ -42,6 +42,7 @@ from sparse_plugin.fixtures.qwen2_5_vl import (
     build_processor,
     tiny_lm,
     to_qwen_hub_layout,
+    vision_config,
     vision_token_ids,
 )
 from tests.conftest import shapes_video, video_data_url
@@ -93,19 +94,7 @@ def build_model(out: Path) -> Path:
             "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}  # fmt: skip
     config = Qwen2_5_VLConfig(
         text_config=tiny_lm(tok, rope, **TEXT),
-        # the tower of sparse_plugin/fixtures/qwen2_5_vl.py, projecting to this LM's width
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": TEXT["hidden_size"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [1],
-        },  # fmt: skip
+        vision_config=vision_config(out_hidden_size=TEXT["hidden_size"]),  # the fixture's tower
         **vision_token_ids(tok),
         tie_word_embeddings=False,
     )

@@ -171,16 +171,5 @@ def visual_usage_by_modality(
     return out or None
 
 
-def visual_usage(
-    geometry: ModelGeometry | None,
-    sizes: Sequence[Size | None],
-    usage: dict[str, Any],
-    videos: Sequence[int | None] = (),
-) -> dict[str, int] | None:
-    """``usage.visual_tokens``: images and videos together."""
-    by_modality = visual_usage_by_modality(geometry, sizes, usage, videos)
-    return visual_totals(by_modality) if by_modality is not None else None
-
-
 def visual_totals(by_modality: dict[str, dict[str, int]]) -> dict[str, int]:
     return {k: sum(m[k] for m in by_modality.values()) for k in ("original", "kept", "saved")}

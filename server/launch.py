@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from server.accounting import VIDEO_MODELS
 from server.config import Settings, SettingsError, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,15 +39,11 @@ def default_model() -> Path:
     return cached_fixtures()["llava-1.5"]
 
 
-# config.json model types whose checkpoints take videos (the plugin prunes them too).
-VIDEO_MODEL_TYPES = {"qwen2_5_vl", "qwen3_vl"}
-
-
 def takes_videos(model: str) -> bool:
     """Whether ``model`` (a local checkpoint dir) is a video-capable family; hub ids: no."""
     config = Path(model) / "config.json"
     try:
-        return json.loads(config.read_text()).get("model_type") in VIDEO_MODEL_TYPES
+        return json.loads(config.read_text()).get("model_type") in VIDEO_MODELS
     except (OSError, ValueError):
         return False
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.accounting import ModelGeometry, visual_usage
+from server.accounting import ModelGeometry, visual_usage_by_modality
 from tests.smoke.test_families import FORMULAS, SIZES
 
 
@@ -21,10 +21,13 @@ def test_original_count_matches_the_family_formula(fixture_models: dict[str, Pat
 def test_unknown_size_means_no_visual_usage(fixture_models: dict[str, Path]):
     qwen = ModelGeometry.from_dir(fixture_models["qwen2.5-vl"])
     usage = {"prompt_tokens": 90, "prompt_tokens_details": {"multimodal_tokens": {"image": 64}}}
-    assert visual_usage(qwen, [(336, 336)], usage) == {"original": 144, "kept": 64, "saved": 80}
-    assert visual_usage(qwen, [(336, 336), None], usage) is None  # a remote URL: size unknown
+    image = {"original": 144, "kept": 64, "saved": 80}
+    assert visual_usage_by_modality(qwen, [(336, 336)], usage) == {"image": image}
+    # a remote URL: size unknown
+    assert visual_usage_by_modality(qwen, [(336, 336), None], usage) is None
     llava = ModelGeometry.from_dir(fixture_models["llava-1.5"])
-    assert visual_usage(llava, [None, (10, 10)], usage)["original"] == 1152  # fixed count
+    fixed = visual_usage_by_modality(llava, [None, (10, 10)], usage)
+    assert fixed is not None and fixed["image"]["original"] == 1152  # fixed count
 
 
 @pytest.mark.engine
