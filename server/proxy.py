@@ -7,8 +7,11 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import anyio
 import httpx
 from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.errors import GatewayError
 from server.metrics import Metrics
@@ -142,3 +145,21 @@ async def relay_sse(
         raise StreamBroken("protocol", "the engine's stream ended without [DONE]")
     finally:
         await resp.aclose()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body generator when the client goes away.
+
+    Starlette stops iterating on a disconnect but leaves the generator suspended at its ``yield``
+    until the garbage collector finalises it; until then the upstream stream stays open and vLLM
+    keeps generating for nobody. Closing it here makes the abort (and its metrics) immediate.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):  # closing upstream must survive a cancel
+                    await aclose()

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from server.accounting import visual_totals, visual_usage_by_modality
 from server.deps import Authorized
@@ -17,6 +17,7 @@ from server.errors import GatewayError
 from server.media import Media, check_media
 from server.proxy import (
     SESSION_HEADER,
+    ClosingStreamingResponse,
     StreamBroken,
     relay_sse,
     request_json,
@@ -219,7 +220,7 @@ async def chat_completions(
         finally:
             finish(outcome)
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return ClosingStreamingResponse(events(), media_type="text/event-stream")
 
 
 def _log(

@@ -262,6 +262,7 @@ def test_client_disconnect_frees_the_engine(gateway, llava_server):
     while _running(llava_server) != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _running(llava_server) == 0
+    # The gateway records the outcome once it has closed the upstream stream: no GC in between.
     assert metric(gateway, "sparsevlm_requests_total", model=MODEL, status="499") >= 1
 
 
