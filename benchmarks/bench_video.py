@@ -261,6 +261,21 @@ def run_speed(args: argparse.Namespace) -> None:
     plot(results)
 
 
+def publish(name: str, lines: list[str]) -> None:
+    """Write a report under docs/bench and print it."""
+    (OUT / name).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))  # noqa: T201 - benchmark report
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 # -- report ------------------------------------------------------------------------------------
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per setting: prompt/video tokens, TTFT, ideal, speed-up, throughput."""
@@ -391,15 +406,11 @@ def write_report(results: dict[str, Any]) -> None:
         "before the text-guided ranking. Video tokens = prompt tokens − the unpruned prompt's "
         "non-video tokens.",
     ]
-    (OUT / "video_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))  # noqa: T201 - benchmark report
+    publish("video_speed.md", lines)
 
 
 def plot(results: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     table, conc = rows(results), results["meta"]["concurrency"]
     labels = [r["setting"].replace(" + ", "\n+ ").replace("stock ", "stock\n") for r in table]
@@ -563,15 +574,11 @@ def write_accuracy_report(meta: dict[str, Any], results: dict[str, Any]) -> None
         "object that shows up later competes with ~20 changes a scene. `uniform` and `random` "
         "keep the object's one or two tokens in proportion to the budget.",
     ]
-    (OUT / "video_accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))  # noqa: T201 - benchmark report
+    publish("video_accuracy.md", lines)
 
 
 def plot_accuracy(results: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     table = {name: summary(r["questions"]) for name, r in results.items()}
     fig, ax = plt.subplots(figsize=(9, 4.5))
