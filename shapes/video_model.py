@@ -33,7 +33,7 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -167,7 +167,7 @@ def _construct_lm(model: Qwen2_5_VLForConditionalGeneration, tok) -> None:
         emb[t, D_WORD] = hue(torch.tensor(rgb, dtype=torch.float32) / 255)
     (newline,) = tok.encode("\n", add_special_tokens=False)
     emb[newline, D_BIAS] = 1.0
-    dh = lm.config.head_dim if getattr(lm.config, "head_dim", None) else 32
+    dh = lm.config.hidden_size // lm.config.num_attention_heads
     a0, a2 = lm.layers[0].self_attn, lm.layers[2].self_attn
     # layer 0, head 0: constant query x flag key; value = the word's hue -> D_ASKED
     for i in _rotary_slot(dh, SLOW[0]):
@@ -190,8 +190,6 @@ def _construct_lm(model: Qwen2_5_VLForConditionalGeneration, tok) -> None:
 
 def single_object_frames(shape: str, color: str, cell: tuple[int, int]) -> list[Image.Image]:
     """Two identical frames (one temporal token) with one shape in ``cell``."""
-    from PIL import ImageDraw
-
     image = Image.new("RGB", (SIZE, SIZE), (0, 0, 0))
     draw_shape(ImageDraw.Draw(image), shape, cell, TARGETS[color])
     return [image, image]
