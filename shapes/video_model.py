@@ -16,8 +16,9 @@ Vision tower (per 14x14 patch, both frames of a temporal pair):
   the cell's hue (large) and its 4 x 8 patch features (small).
 LM (4 layers, hidden 64, 2 heads of 32, 1 KV head, M-RoPE; codes on the slowest rotary pairs):
 - embeddings: " red", " green", " blue" carry a flag and their hue; "\\n" a bias; all else 0;
-- layer 0, head 0: a constant query finds the flagged colour word; every later position copies
-  its hue (the asked colour) into a query slot;
+- layer 0, head 0: a constant query finds the flagged colour word (the latest one, in a
+  multi-turn chat: a rotary code favours the nearest); every later position copies its hue (the
+  asked colour) into a query slot;
 - layer 1: nothing;
 - layer 2, head 0: the query slot's hue meets the video tokens' hue: attention lands on the
   asked object's token(s), wherever and whenever they are; their patch features go through the
@@ -67,6 +68,9 @@ VISUAL_CONST, HUE_SCALE, PATCH_SCALE = 1.0, 30.0, 4.0
 MERGER_SHIFT, MERGER_GAIN = 8.0, 0.5  # keeps the merger's GELU input near 8: GELU(x) = x there
 FIND_WORD_GAIN, FIND_OBJECT_GAIN, ANSWER_GAIN, ANSWER_BIAS = 10.0, 1.5, 4.0, 8.0
 SLOW = (15, 14, 13)  # rotary pairs used for q.k codes: the slowest (< 0.03 rad over 1k tokens)
+# Rotary pair 6 turns 5.6e-3 rad a token: its cos falls monotonically over the first ~560 tokens,
+# by ~0.02 between one question's colour word and the next turn's: x RECENCY_GAIN, a clear margin.
+RECENCY_PAIR, RECENCY_GAIN = 6, 400.0
 
 
 def hue(rgb: torch.Tensor) -> torch.Tensor:
@@ -169,9 +173,13 @@ def _construct_lm(model: Qwen2_5_VLForConditionalGeneration, tok) -> None:
     emb[newline, D_BIAS] = 1.0
     dh = lm.config.hidden_size // lm.config.num_attention_heads
     a0, a2 = lm.layers[0].self_attn, lm.layers[2].self_attn
-    # layer 0, head 0: constant query x flag key; value = the word's hue -> D_ASKED
+    # layer 0, head 0: constant query x flag key; value = the word's hue -> D_ASKED. A second
+    # code on a faster rotary pair (cos falls with distance) makes the latest colour word win.
     for i in _rotary_slot(dh, SLOW[0]):
         a0.q_proj.bias[i] = FIND_WORD_GAIN
+        a0.k_proj.weight[i, D_FLAG] = 1.0
+    for i in _rotary_slot(dh, RECENCY_PAIR):
+        a0.q_proj.bias[i] = RECENCY_GAIN
         a0.k_proj.weight[i, D_FLAG] = 1.0
     a0.v_proj.weight[0:2, D_WORD] = torch.eye(2)
     a0.o_proj.weight[D_ASKED, 0:2] = torch.eye(2)

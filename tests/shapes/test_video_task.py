@@ -121,3 +121,22 @@ def test_the_asked_objects_shape_decides_the_reply(qa_model, clips):
                                     for t in c.tracks))  # fmt: skip
             replies.add(int(answer_logits(model, proc, swapped.frames(), question).argmax()))
         assert len(replies) == len(SHAPES)
+
+
+def test_follow_up_questions_are_answered_about_their_own_object(qa_model, clips):
+    """A multi-turn chat asks about each object in turn (twice over): the latest question's
+    colour is the one looked up, not an earlier turn's."""
+    import torch
+
+    model, proc = qa_model
+    clip = clips[2]
+    messages: list[dict] = []
+    for turn, (question, answer) in enumerate(clip.questions() * 2):
+        video = [{"type": "video"}] if turn == 0 else []
+        messages.append({"role": "user", "content": [*video, {"type": "text", "text": question}]})
+        text = proc.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = proc(text=[text], videos=[clip.frames()], return_tensors="pt")
+        with torch.no_grad():
+            reply = proc.tokenizer.decode([int(model(**inputs).logits[0, -1].argmax())]).strip()
+        assert reply == answer, (turn, question)
+        messages.append({"role": "assistant", "content": f" {reply}"})
