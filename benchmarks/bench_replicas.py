@@ -36,7 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_speed import build_model, image_url, run  # noqa: E402
+from benchmarks.bench_speed import build_model, image_question, run, streamed  # noqa: E402
 from server.launch import EngineFailed, wait_healthy  # noqa: E402
 from tests.vllm_server import free_port  # noqa: E402
 
@@ -54,20 +54,7 @@ LOGS = ROOT / ".cache" / "bench-replicas-logs"
 
 
 def request(model: str, text: str, knob: dict, max_tokens: int) -> dict[str, Any]:
-    content = [
-        {"type": "image_url", "image_url": {"url": image_url()}},
-        {"type": "text", "text": text},
-    ]
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "sparsity": knob,
-    }
+    return {**streamed(model, image_question(text), max_tokens), "sparsity": knob}
 
 
 def finished(engine: str) -> float:

@@ -69,15 +69,15 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def body(model: str, knob: dict | None, max_tokens: int, text_words: int | None = None) -> dict:
-    if text_words is None:
-        content: list | str = [
-            {"type": "image_url", "image_url": {"url": image_url()}},
-            {"type": "text", "text": QUESTION},
-        ]
-    else:  # text-only prompt of about the same length
-        content = f"{next(_calls)} " + " ".join(["red"] * text_words) + " " + QUESTION
-    b = {
+def image_question(text: str) -> list[dict]:
+    """One user turn's content: a new image (image_url) and ``text``."""
+    image = {"type": "image_url", "image_url": {"url": image_url()}}
+    return [image, {"type": "text", "text": text}]
+
+
+def streamed(model: str, content: list | str, max_tokens: int) -> dict:
+    """A streamed, greedy, EOS-ignoring one-turn request with usage in the stream."""
+    return {
         "model": model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
@@ -86,6 +86,14 @@ def body(model: str, knob: dict | None, max_tokens: int, text_words: int | None 
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def body(model: str, knob: dict | None, max_tokens: int, text_words: int | None = None) -> dict:
+    if text_words is None:
+        content: list | str = image_question(QUESTION)
+    else:  # text-only prompt of about the same length
+        content = f"{next(_calls)} " + " ".join(["red"] * text_words) + " " + QUESTION
+    b = streamed(model, content, max_tokens)
     if knob:
         b["mm_processor_kwargs"] = {"sparsevlm": knob}
     return b
