@@ -390,8 +390,9 @@ def write_report(results: dict[str, Any]) -> None:
             lines += ["", f"Where the 25 % setting's time goes beyond `temporal` (same kept "
                       f"count, no scoring): the score_layer-{layer} probe (layers 0..{layer - 1} "
                       f"over the unpruned prompt) {(s25['ttft'] - at0) * 1e3:.0f} ms (TTFT at "
-                      f"score_layer {layer} − at 0); scoring the video's tokens at the layer and "
-                      f"selecting {(at0 - temporal) * 1e3:.0f} ms (score_layer 0 − `temporal`). "
+                      f"score_layer {layer} − at 0); the rest {(at0 - temporal) * 1e3:.0f} ms "
+                      "(score_layer 0 − `temporal`: layer-0 scoring, selection and run-to-run "
+                      "noise). "
                       f"3× needs a TTFT of {table[0]['ttft'] / 3 * 1e3:.0f} ms."]  # fmt: skip
     evs = results["evs"]
     lines += ["", "## Stock vLLM EVS on this CPU runner", ""]
