@@ -479,6 +479,9 @@ def accuracy_settings() -> dict[str, dict[str, Any] | None]:
     return out
 
 
+Turn = tuple[str, str, int]  # question, answer, first scene showing the asked object
+
+
 async def ask_clips(
     url: str, key: str, model: str, clips: list[video_task.Clip], videos: list[str],
     knob: dict[str, Any] | None, concurrency: int, chat: bool = False,
@@ -488,10 +491,10 @@ async def ask_clips(
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {key}"}) as c:
 
-        async def conversation(i: int, turns: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        async def conversation(i: int, turns: list[Turn]) -> list[dict[str, Any]]:
             messages: list[dict[str, Any]] = []
             out = []
-            for turn, (question, answer) in enumerate(turns):
+            for turn, (question, answer, start) in enumerate(turns):
                 video = (
                     [{"type": "video_url", "video_url": {"url": videos[i]}}] if turn == 0 else []
                 )
@@ -507,8 +510,6 @@ async def ask_clips(
                 data = r.json()
                 reply = data["choices"][0]["message"]["content"] or ""
                 messages.append({"role": "assistant", "content": reply})
-                color = question.split(" the ")[1].split()[0]
-                start = next(t for t, cell in enumerate(clips[i].target(color).cells) if cell)
                 details = data["usage"].get("prompt_tokens_details") or {}
                 out.append({"clip": i, "turn": turn, "question": question, "answer": answer,
                             "start": start, "reply": first_word(reply),
@@ -517,8 +518,11 @@ async def ask_clips(
                             "visual_tokens": data["usage"].get("visual_tokens")})  # fmt: skip
             return out
 
-        jobs = ([(i, clip.questions()) for i, clip in enumerate(clips)] if chat else
-                [(i, [qa]) for i, clip in enumerate(clips) for qa in clip.questions()])  # fmt: skip
+        asked = [[(q, a, t.first_scene)
+                  for (q, a), t in zip(c.questions(), c.targets(), strict=True)]
+                 for c in clips]  # fmt: skip
+        jobs = ([(i, turns) for i, turns in enumerate(asked)] if chat else
+                [(i, [turn]) for i, turns in enumerate(asked) for turn in turns])  # fmt: skip
         done = await asyncio.gather(*(conversation(i, turns) for i, turns in jobs))
         return [row for rows in done for row in rows]
 

